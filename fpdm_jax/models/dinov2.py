@@ -49,38 +49,41 @@ def activation(name: str):
 # ----------------------------------------------------------------------------
 # torch-equivalent bicubic resize.
 
-def _cubic_weights(t: np.ndarray, a: float) -> np.ndarray:
+def _cubic_weights(t: np.ndarray, a) -> np.ndarray:
   """Keys cubic convolution weights for taps at offsets -1, 0, 1, 2 (torch's
-  ``get_cubic_upsample_coefficients``)."""
+  ``get_cubic_upsample_coefficients``, evaluated in t's dtype like torch)."""
+  one, two = t.dtype.type(1), t.dtype.type(2)
+
   def near(x):  # |x| <= 1
-    return ((a + 2) * x - (a + 3)) * x * x + 1
+    return ((a + 2) * x - (a + 3)) * x * x + one
 
   def far(x):  # 1 < |x| < 2
     return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
-  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+  return np.stack([far(t + one), near(t), near(one - t), far(two - t)], axis=-1)
 
 
 def bicubic_matrix(in_size: int, out_size: int, *, a: float = -0.75,
                    align_corners: bool = False, scale: float | None = None) -> np.ndarray:
   """``[out_size, in_size]`` matrix M with ``M @ x`` = torch's 1-D bicubic resize.
 
-  Follows ``aten/src/ATen/native/UpSample.h``: source coordinate
-  ``(i + 0.5) * in/out - 0.5`` (not clamped at 0 for cubic), four taps around
-  ``floor`` of it, tap indices clamped to the border. ``scale`` is torch's
-  ``scale_factor`` when the caller passed one instead of a size (it changes the
-  source coordinate from ``in/out`` to ``1/scale_factor``).
+  Follows ``aten/src/ATen/native/UpSample.h`` step by step in float32 (torch's
+  arithmetic for float32 tensors; doing it in float64 moves results by ~1e-5):
+  source coordinate ``(i + 0.5) * in/out - 0.5`` (not clamped at 0 for cubic),
+  four taps around its floor, tap indices clamped to the border. ``scale`` is
+  torch's ``scale_factor`` when the caller passed one instead of a size.
   """
+  f32 = np.float32
+  dst = np.arange(out_size).astype(f32)
   if align_corners:
-    ratio = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-    src = np.arange(out_size, dtype=np.float64) * ratio
+    ratio = f32(in_size - 1) / f32(out_size - 1) if out_size > 1 else f32(0)
+    src = dst * ratio
   else:
-    ratio = 1.0 / scale if scale else in_size / out_size
-    src = (np.arange(out_size, dtype=np.float64) + 0.5) * ratio - 0.5
-  # torch does this arithmetic in float32 for float32 tensors.
-  src = src.astype(np.float32).astype(np.float64)
-  base = np.floor(src)
-  w = _cubic_weights(src - base, a)
+    ratio = f32(1) / f32(scale) if scale else f32(in_size) / f32(out_size)
+    src = ratio * (dst + f32(0.5)) - f32(0.5)
+  base = np.minimum(np.floor(src), f32(in_size - 1))
+  t = np.clip(src - base, f32(0), f32(1))
+  w = _cubic_weights(t.astype(f32), f32(a)).astype(np.float64)
   m = np.zeros((out_size, in_size), np.float64)
   rows = np.arange(out_size)
   for tap in range(4):
