@@ -1,0 +1,222 @@
+"""From ArrayRecord pair datasets to sharded global batches, with Grain.
+
+The chain is short and every link is a named op that can be tested alone:
+
+  source (TFDS ArrayRecord, images left encoded)
+    -> IndexSampler (global shuffle with a seed, this process's shard)
+    -> DecodeRecord -> FlipPair (optional augmentation) -> MakeViews
+    -> Batch (per process) -> ``sharding.global_batch`` (global jax.Arrays)
+
+``MakeViews`` produces what each network consumes: the VAE / pixel-space
+UNet wants [-1, 1] at the model's size, CLIP wants its mean/std at 224, the
+source encoder its own size and mean/std. Which views a stage needs is
+config, so stage 1 never pays for stage 2's 512x512 DINOv2 input.
+
+The loader is a ``grain.DataLoader``: its iterator state (a few integers) is
+saved with every checkpoint, so a resumed run sees exactly the batches it
+would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import grain
+import numpy as np
+
+from fpdm_jax import skeleton
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+NORMALISATIONS = {
+    # name: (mean, std) applied to [0, 1] pixels
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),          # [0, 1]
+    "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),     # [-1, 1]: VAE / pixel UNet
+    "clip": (CLIP_MEAN, CLIP_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),           # DINOv2
+}
+
+IMAGE_KEYS = ("source_image", "target_image", "source_pose_image", "target_pose_image")
+NAME_KEYS = ("source_name", "target_name")
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """One model input made from a record image: resize, then normalise."""
+  key: str                      # record field, e.g. "target_image"
+  size: tuple[int, int]         # (height, width)
+  norm: str = "symmetric"       # a NORMALISATIONS name
+
+  def __post_init__(self):
+    if self.key not in IMAGE_KEYS:
+      raise ValueError(f"view of unknown record image {self.key!r}; one of {IMAGE_KEYS}")
+    if self.norm not in NORMALISATIONS:
+      raise ValueError(f"unknown normalisation {self.norm!r}; one of {sorted(NORMALISATIONS)}")
+
+
+def parse_views(views: Mapping[str, Any]) -> dict[str, View]:
+  """Config form ``{"name": (key, (h, w), norm)}`` -> Views."""
+  out = {}
+  for name, v in views.items():
+    if isinstance(v, View):
+      out[name] = v
+    else:
+      key, size, *norm = v
+      out[name] = View(key, tuple(int(s) for s in size), *norm)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Opening datasets.
+
+def dataset_dir(data_dir: str | os.PathLike, name: str) -> Path:
+  """``data_dir/name`` (``name`` = "dataset/config"), newest version folder."""
+  base = Path(data_dir).expanduser() / name
+  if (base / "dataset_info.json").is_file():
+    return base
+  versions = sorted((p for p in base.glob("*") if (p / "dataset_info.json").is_file()),
+                    key=lambda p: [int(x) if x.isdigit() else x for x in p.name.split(".")])
+  if not versions:
+    raise FileNotFoundError(
+        f"no built dataset at {base}: build it first, e.g. "
+        f"`python -m data_prep.build synthetic --data-dir {data_dir}`")
+  return versions[-1]
+
+
+def open_source(data_dir: str | os.PathLike, name: str, split: str):
+  """A random-access source of raw records; images stay encoded bytes."""
+  import tensorflow_datasets as tfds
+  builder = tfds.builder_from_directory(str(dataset_dir(data_dir, name)))
+  if split not in builder.info.splits:
+    raise ValueError(f"{name} has splits {list(builder.info.splits)}, not {split!r}")
+  decoders = {k: tfds.decode.SkipDecoding() for k in IMAGE_KEYS}
+  return builder.as_data_source(split=split, decoders=decoders)
+
+
+# ----------------------------------------------------------------------------
+# Ops.
+
+def decode_image(data: bytes) -> np.ndarray:
+  image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+  if image is None:
+    raise ValueError("record holds an image that does not decode")
+  return image[:, :, ::-1]  # BGR -> RGB
+
+
+class DecodeRecord(grain.transforms.Map):
+  """Encoded PNG/JPEG bytes -> uint8 [H, W, 3]; file names -> str."""
+
+  def map(self, record: dict) -> dict:
+    out = dict(record)
+    for key in IMAGE_KEYS:
+      if key in out and isinstance(out[key], (bytes, np.bytes_)):
+        out[key] = decode_image(bytes(out[key]))
+    for key in NAME_KEYS:
+      if key in out and isinstance(out[key], (bytes, np.bytes_)):
+        out[key] = bytes(out[key]).decode()
+    return out
+
+
+@dataclasses.dataclass
+class FlipPair(grain.transforms.RandomMap):
+  """Mirrors source and target (images and keypoints) with probability ``p``.
+
+  A mirrored person has left and right swapped, and the skeleton's colours
+  say which limb is which, so the pose images are redrawn from the flipped
+  keypoints rather than mirrored (a mirrored drawing would be a wrong pose).
+  """
+  p: float = 0.5
+  pose_canvas_scale: float = 1.0
+
+  def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    if rng.random() >= self.p:
+      return record
+    out = dict(record)
+    for side in ("source", "target"):
+      image = record[f"{side}_image"]
+      h, w = image.shape[:2]
+      k = skeleton.flip_keypoints(record[f"{side}_keypoints"], w)
+      out[f"{side}_image"] = np.ascontiguousarray(image[:, ::-1])
+      out[f"{side}_keypoints"] = k
+      canvas = (round(h * self.pose_canvas_scale), round(w * self.pose_canvas_scale))
+      out[f"{side}_pose_image"] = skeleton.render_pose_image(k, (h, w), canvas)
+    return out
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  if image.shape[:2] == tuple(size):
+    return image
+  h, w = size
+  shrinking = h < image.shape[0] and w < image.shape[1]
+  return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+
+
+@dataclasses.dataclass
+class MakeViews(grain.transforms.Map):
+  """Record -> the float32 model inputs named in ``views`` plus keypoints/ids."""
+  views: Mapping[str, View]
+  keep: Sequence[str] = ("source_keypoints", "target_keypoints", "pair_index")
+
+  def map(self, record: dict) -> dict:
+    out = {}
+    for name, view in self.views.items():
+      mean, std = NORMALISATIONS[view.norm]
+      x = resize(record[view.key], view.size).astype(np.float32) / 255.0
+      out[name] = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    for key in self.keep:
+      out[key] = np.asarray(record[key])
+    return out
+
+
+# ----------------------------------------------------------------------------
+# The loader.
+
+@dataclasses.dataclass
+class LoaderConfig:
+  data_dir: str
+  name: str
+  split: str = "train"
+  views: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  batch_size: int = 8            # GLOBAL batch; each process loads its share
+  shuffle: bool = True
+  seed: int = 0
+  num_epochs: int | None = None  # None: repeat forever (training)
+  flip_prob: float = 0.0
+  pose_canvas_scale: float = 1.0
+  worker_count: int = 0          # 0: load in the main process
+  worker_buffer_size: int = 2
+  drop_remainder: bool = True
+
+
+def make_loader(cfg: LoaderConfig, *, process_index: int | None = None,
+                process_count: int | None = None, source=None) -> grain.DataLoader:
+  """A Grain DataLoader yielding this process's part of each global batch."""
+  import jax
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if cfg.batch_size % process_count:
+    raise ValueError(f"global batch {cfg.batch_size} is not divisible by "
+                     f"{process_count} processes")
+  source = source if source is not None else open_source(cfg.data_dir, cfg.name, cfg.split)
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source),
+      shard_options=grain.sharding.ShardOptions(process_index, process_count,
+                                                drop_remainder=cfg.drop_remainder),
+      shuffle=cfg.shuffle, num_epochs=cfg.num_epochs, seed=cfg.seed)
+  ops: list = [DecodeRecord()]
+  if cfg.flip_prob > 0:
+    ops.append(FlipPair(cfg.flip_prob, cfg.pose_canvas_scale))
+  ops.append(MakeViews(parse_views(cfg.views)))
+  ops.append(grain.transforms.Batch(cfg.batch_size // process_count,
+                                    drop_remainder=cfg.drop_remainder))
+  return grain.DataLoader(
+      data_source=source, sampler=sampler, operations=ops,
+      worker_count=cfg.worker_count, worker_buffer_size=cfg.worker_buffer_size,
+      shard_options=None)
