@@ -66,12 +66,17 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
           self._processor(split), specs, self.staging_dir, split=split,
           chunk_size=self.chunk_size, workers=self.workers, strict=self.strict,
           report=self.report, desc=f"{self.name} {split}")
-      out[split] = self._generate_examples(paths)
+      written = self.report.written[split]
+      out[split] = self._generate_examples(paths, split, written)
     return out
 
-  def _generate_examples(self, paths):
+  def _generate_examples(self, paths, split: str, total: int):
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=f"writing {split} shards", unit="pair", disable=None)
     for index, record in pairs.iter_staged(paths):
+      bar.update(1)
       yield index, pairs.to_tfds_example(record)
+    bar.close()
 
   def build(self) -> dict:
     """download_and_prepare + prep_report.json; returns the report.
@@ -81,6 +86,7 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     report_path = Path(self.data_dir) / "prep_report.json"
     if self.is_prepared() and report_path.exists():
       return json.loads(report_path.read_text())
+    tfds.disable_progress_bar()  # ours show staging and writing progress
     self.download_and_prepare()
     report = pairs.write_report(self.report, report_path,
                                 {"dataset": f"{self.name}/{self.builder_config.name}",
