@@ -7,7 +7,6 @@ without allocating (``nnx.eval_shape`` vs a torch model on the meta device).
 """
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -167,6 +166,12 @@ def test_from_hf_dict_both_config_kinds():
   full = dict(model_type="clip", projection_dim=768, vision_config=dict(TINY_VISION))
   assert CLIPVisionConfig.from_hf_dict(vision) == CLIPVisionConfig.tiny()
   assert CLIPVisionConfig.from_hf_dict(full).projection_dim == 768
+  legacy = dict(full, vision_config={}, vision_config_dict=dict(TINY_VISION))
+  assert CLIPVisionConfig.from_hf_dict(legacy).hidden_size == 32
+  # transformers reads the legacy dict the same way.
+  parsed = transformers.CLIPConfig(**legacy).vision_config.to_dict()
+  assert CLIPVisionConfig.from_hf_dict(parsed | {"projection_dim": 768}) == \
+      CLIPVisionConfig.from_hf_dict(legacy)
   # Defaults are transformers' (a config.json may leave fields out).
   assert CLIPVisionConfig.from_hf_dict({}) == CLIPVisionConfig.from_hf_dict(
       transformers.CLIPVisionConfig().to_dict())

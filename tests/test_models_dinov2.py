@@ -191,3 +191,16 @@ def test_wrong_folders_give_clear_errors(dino_folder, tmp_path):
   # A config without the mask token cannot silently drop the checkpoint's one.
   with pytest.raises(ImportMismatchError, match=r"no parameter takes.*mask_token"):
     load_dinov2(folder, use_mask_token=False)
+
+
+def test_fpdm_source_resolution_under_jit(tmp_path):
+  """The FPDM use: a 518-px checkpoint (37x37 positions) fed 512x512 sources
+  (36x36 patches), run under ``nnx.jit`` as the training step would."""
+  ref = _hf_model(seed=5, image_size=518)
+  ref.save_pretrained(tmp_path)
+  model = load_dinov2(tmp_path)
+  images = _images(512, 512, batch=1, seed=6)
+  out = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(images))
+  assert out.last_hidden_state.shape == (1, 1 + 36 * 36, 32)
+  diffs = _max_diffs(out, _torch_outputs(ref, images))
+  assert max(diffs.values()) < TOL, diffs

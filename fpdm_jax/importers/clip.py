@@ -90,7 +90,7 @@ def clip_vision_params_to_torch(params: Mapping[str, np.ndarray]) -> dict[str, n
   return out
 
 
-def _abstract_or_real(make):
+def build_without_init(make):
   """Builds the module without allocating random weights when that is safe
   (only Params, which the checkpoint overwrites); otherwise for real."""
   abstract = nnx.eval_shape(make)
@@ -111,7 +111,7 @@ def load_clip_vision(folder: str | os.PathLike, *, subfolder: str | None = None,
   cfg = config_from_folder(folder, subfolder, **config_overrides)
   state_dict = load_state_dict(folder, subfolder)
   params, _ = clip_vision_params_from_torch(state_dict)
-  model = _abstract_or_real(lambda: CLIPVisionModelWithProjection(
+  model = build_without_init(lambda: CLIPVisionModelWithProjection(
       cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype))
   assign_params(model, params, source=str(resolve_folder(folder, subfolder)), dtype=param_dtype)
   return model

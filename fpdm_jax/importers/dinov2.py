@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fpdm_jax.importers.clip import _abstract_or_real
+from fpdm_jax.importers.clip import build_without_init
 from fpdm_jax.importers.hf_folder import (
     CheckpointFolderError, assign_params, conv_kernel_to_flax, conv_kernel_to_torch,
     export_params, linear_kernel_to_flax, linear_kernel_to_torch, load_state_dict,
@@ -107,7 +107,7 @@ def load_dinov2(folder: str | os.PathLike, *, subfolder: str | None = None,
   """
   cfg = config_from_folder(folder, subfolder, **config_overrides)
   params = dinov2_params_from_torch(load_state_dict(folder, subfolder))
-  model = _abstract_or_real(lambda: Dinov2Model(
+  model = build_without_init(lambda: Dinov2Model(
       cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype))
   assign_params(model, params, source=str(resolve_folder(folder, subfolder)), dtype=param_dtype)
   return model

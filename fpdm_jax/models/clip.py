@@ -75,8 +75,10 @@ class CLIPVisionConfig:
     default), because that is what ``CLIPModel.visual_projection`` uses.
     """
     model_type = config.get("model_type")
-    if "vision_config" in config or model_type == "clip":
-      vision = dict(config.get("vision_config") or {})
+    if "vision_config" in config or "vision_config_dict" in config or model_type == "clip":
+      # Older Hub configs (openai/clip-vit-large-patch14) also carry
+      # ``vision_config_dict``, whose values transformers lets win.
+      vision = {**(config.get("vision_config") or {}), **(config.get("vision_config_dict") or {})}
       if "projection_dim" in config:
         vision["projection_dim"] = config["projection_dim"]
     elif model_type in (None, "clip_vision_model"):
