@@ -53,9 +53,8 @@ def main(argv=None) -> int:
              "target_pose": ("target_pose_image", (h, w), "unit"),
              "target": ("target_image", (h, w), "symmetric")})
   batch = next(iter(input_pipeline.make_loader(cfg, process_index=0, process_count=1)))
-  rows = [[visualize.to_uint8(batch["source"][i]),
-           visualize.to_uint8(batch["target_pose"][i], (0.0, 1.0)),
-           visualize.to_uint8(batch["target"][i])] for i in range(args.rows)]
+  rows = [[batch["source"][i], batch["target_pose"][i], batch["target"][i]]
+          for i in range(args.rows)]
   visualize.save_png(visualize.image_grid(rows), workdir / "batch_grid.png")
   report = json.loads((workdir / "prep_report.json").read_text())
   print(f"Wrote {workdir / 'batch_grid.png'} (source | target pose | target) and "

@@ -7,6 +7,7 @@ parameters across ``fsdp`` but every device still sees its own examples).
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -32,8 +33,11 @@ def make_mesh(axes: Sequence[tuple[str, int]] | Mapping[str, int] = (("data", -1
     if len(devices) % known:
       raise ValueError(f"mesh {axes}: {len(devices)} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
+  if math.prod(sizes) > len(devices):
     raise ValueError(f"mesh {axes} needs {math.prod(sizes)} devices, there are {len(devices)}")
+  if math.prod(sizes) < len(devices):
+    logging.warning("mesh %s uses %d of the %d devices", axes, math.prod(sizes), len(devices))
+    devices = devices[:math.prod(sizes)]
   try:
     device_array = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
   except Exception:  # odd shapes on CPU: fall back to the given order

@@ -22,9 +22,14 @@ def loader_cfg(synthetic_data, **kw):
 def test_views_have_model_sizes_and_normalisations(synthetic_data):
   src = ip.open_source(*synthetic_data, "train")
   record = ip.DecodeRecord().map(src[3])
-  out = ip.MakeViews(ip.parse_views(VIEWS)).map(record)
+  raw = ip.MakeViews(ip.parse_views(VIEWS)).map(record)
+  assert raw["target"].dtype == np.uint8
+  out = {k: np.asarray(v) for k, v in ip.normalise(raw, VIEWS).items()}
   assert out["target"].shape == (64, 64, 3) and out["target"].dtype == np.float32
   np.testing.assert_allclose(out["target"], record["target_image"] / 127.5 - 1, atol=1e-6)
+  mean, std = np.array(ip.CLIP_MEAN), np.array(ip.CLIP_STD)
+  np.testing.assert_allclose(out["source_clip"], (raw["source_clip"] / 255 - mean) / std,
+                             atol=1e-5)
   np.testing.assert_allclose(out["target_pose"], record["target_pose_image"] / 255.0, atol=1e-6)
   assert out["source_clip"].shape == (224, 224, 3)
   # A white pixel under CLIP normalisation is (1 - mean) / std.
@@ -61,6 +66,20 @@ def test_flip_redraws_the_pose_from_mirrored_keypoints(synthetic_data):
 
 def take(it, n):
   return [next(it) for _ in range(n)]
+
+
+def test_only_the_images_views_use_are_decoded(synthetic_data):
+  record = ip.open_source(*synthetic_data, "train")[0]
+  out = ip.DecodeRecord(("target_image",)).map(record)
+  assert out["target_image"].shape == (64, 64, 3)
+  assert "source_image" not in out and "source_pose_image" not in out
+
+
+def test_worker_processes_give_the_same_batches(synthetic_data):
+  a = next(iter(ip.make_loader(loader_cfg(synthetic_data, seed=5))))
+  b = next(iter(ip.make_loader(loader_cfg(synthetic_data, seed=5, worker_count=1))))
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_iterator_state_restores_exactly(synthetic_data):
@@ -115,5 +134,6 @@ def test_global_batch_is_sharded_over_data_and_fsdp(synthetic_data):
 def test_mesh_errors_are_clear():
   with pytest.raises(ValueError, match="at most one axis"):
     sharding.make_mesh((("data", -1), ("fsdp", -1)))
-  with pytest.raises(ValueError, match="needs 6 devices"):
-    sharding.make_mesh((("data", 3), ("fsdp", 2)))
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    sharding.make_mesh((("data", 8), ("fsdp", 2)))
+  assert sharding.make_mesh((("data", 1), ("fsdp", 1))).devices.size == 1
