@@ -39,3 +39,30 @@ def stage1_model() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       clip_preset="vit_l14", clip_path="", clip_overrides={},
       combiner_dropout=0.5, dtype="float32", remat=False))
+
+
+def stage2_model() -> ml_collections.ConfigDict:
+  """The reference FPDM stage 2: SD 2.1 in latent space, DINOv2-L source tokens."""
+  return ml_collections.ConfigDict(dict(
+      latent=True,
+      vae_path="",          # SD 2.1 pipeline folder (or its vae/)
+      unet_path="",         # SD 2.1 pipeline folder (or its unet/): initialises the UNet
+      unet_preset="sd21",   # architecture when unet_path is empty
+      unet_overrides={},
+      image_size=(512, 352),
+      source_encoder=ml_collections.ConfigDict(dict(
+          kind="dinov2", path="", preset="large", image_size=512, overrides={})),
+      projection_hidden=768, projection_dropout=0.2,
+      dtype="float32", remat=False))
+
+
+def stage2_diffusion() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      scheduler="sd21",           # or a folder / scheduler_config.json
+      scheduler_overrides={},
+      noise_offset=0.1, cond_drop_prob=0.2, cond_drop_per_sample=True,
+      min_snr_gamma=0.0))         # > 0: min-SNR-gamma loss weighting
+
+
+def stage2_sample() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(kind="ddim", steps=20, guidance=2.0, num_images=8))

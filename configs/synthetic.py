@@ -37,9 +37,37 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     c.train.update(batch_size=32, num_steps=600, log_every=50, eval_every=300,
                    checkpoint_every=200)
     c.eval.batch_size = 40
+  if stage == "stage2":
+    c.fusion = ml_collections.ConfigDict(dict(path="demo_out/stage1/fusion_model"))
+    c.model = common.stage2_model()
+    c.model.update(latent=False, image_size=(64, 64), unet_preset="custom",
+                   projection_hidden=64)
+    c.model.unet_overrides = dict(
+        sample_size=64, block_out_channels=(32, 64, 128), layers_per_block=1,
+        attention_head_dim=(2, 4, 8), cross_attention_dim=64, norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        pose_embedding_channels=(16,))  # pixel space: pose features at full resolution
+    c.model.source_encoder.kind = "stage1"  # the trained stage-1 CLIP's tokens
+    c.diffusion = common.stage2_diffusion()
+    c.diffusion.scheduler_overrides = dict(prediction_type="epsilon")
+    c.sample = common.stage2_sample()
+    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 5e-4, 100, "cosine"
+    c.train.update(batch_size=16, num_steps=2000, ema_decay=0.999, log_every=100,
+                   eval_every=1000, image_every=1000, checkpoint_every=500)
+    c.eval.update(batch_size=16, max_batches=4)
   if quick:
     c.train.update(num_steps=6, log_every=2, eval_every=6, checkpoint_every=3,
                    image_every=0, batch_size=8)
     c.optim.warmup_steps = 2
     c.eval.update(batch_size=8, max_batches=1)
+    if stage == "stage2":
+      c.model.unet_overrides = dict(
+          sample_size=64, block_out_channels=(16, 32), layers_per_block=1,
+          attention_head_dim=(2, 4), cross_attention_dim=32, norm_num_groups=8,
+          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), pose_embedding_channels=(8,))
+      c.model.projection_hidden = 32
+      c.sample.update(steps=3, num_images=2)
+      c.train.image_every = 6
   return c

@@ -1,0 +1,289 @@
+"""Stage 2: conditional latent diffusion with FPDM's three conditions.
+
+Trainable: the UNet (with its pose embedding and class-embedding MLP) and
+the source-token projection. Frozen, run inside the step: the VAE (unless
+``model.latent=False``: pixel space, for the embedded synthetic default),
+the source encoder and the stage-1 fusion model.
+
+Per step: encode the target, take the fusion embedding of (source, target
+pose), the source tokens and the pose features; drop each condition per
+sample with probability ``diffusion.cond_drop_prob`` (zeroing the branch
+output, as the sampler's unconditional branches do); add offset noise; and
+regress the scheduler's ``prediction_type`` target.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fpdm_jax import input_pipeline, losses, sampling, schedulers, sharding, visualize
+from fpdm_jax.importers import dinov2 as dinov2_importer
+from fpdm_jax.importers import hf_folder
+from fpdm_jax.importers import unet as unet_importer
+from fpdm_jax.importers import vae as vae_importer
+from fpdm_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
+from fpdm_jax.models.dinov2 import Dinov2Config, Dinov2Model
+from fpdm_jax.models.fusion import SourceProjection
+from fpdm_jax.models.unet import SD21_UNET_CONFIG, UNet2DConditionModel, UNetConfig
+from fpdm_jax.trainers import common
+from fpdm_jax.trainers.stage1 import load_fusion_model
+
+
+class Trainable(nnx.Module):
+  def __init__(self, unet: UNet2DConditionModel, source_projection: SourceProjection):
+    self.unet = unet
+    self.source_projection = source_projection
+
+
+class Frozen(nnx.Module):
+  """The frozen networks; ``source_encoder`` None means the fusion model's CLIP."""
+
+  def __init__(self, fusion, source_encoder, vae):
+    self.fusion = fusion
+    self.source_encoder = source_encoder
+    self.vae = vae
+
+
+# ----------------------------------------------------------------------------
+# Building the networks from the config.
+
+def scheduler_config(diffusion_cfg) -> schedulers.SchedulerConfig:
+  if diffusion_cfg.scheduler == "sd21":
+    return schedulers.SD21_SCHEDULER
+  path = Path(diffusion_cfg.scheduler)
+  if path.is_dir():
+    path = path / "scheduler" / "scheduler_config.json" if (path / "scheduler").is_dir() \
+        else path / "scheduler_config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"diffusion.scheduler={diffusion_cfg.scheduler!r}: no "
+                            "scheduler_config.json there (use 'sd21' for SD 2.1's)")
+  cfg = schedulers.SchedulerConfig.from_diffusers_dict(json.loads(path.read_text()))
+  overrides = dict(diffusion_cfg.scheduler_overrides)
+  return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def build_source_encoder(enc_cfg, fusion, dt, seed: int):
+  """Returns (encoder or None for the fusion model's CLIP, token dim, view)."""
+  size = (enc_cfg.image_size, enc_cfg.image_size)
+  if enc_cfg.kind == "stage1":
+    clip = fusion.config.clip
+    return None, clip.hidden_size, ("source_image", (clip.image_size,) * 2, "clip")
+  if enc_cfg.kind == "dinov2":
+    if enc_cfg.path:
+      enc = dinov2_importer.load_dinov2(enc_cfg.path, dtype=dt)
+    else:
+      cfg = Dinov2Config.large() if enc_cfg.preset == "large" else Dinov2Config.tiny(
+          **dict(enc_cfg.overrides))
+      enc = Dinov2Model(cfg, dtype=dt, rngs=nnx.Rngs(seed))
+    return enc, enc.config.hidden_size, ("source_image", size, "imagenet")
+  if enc_cfg.kind == "clip":
+    from fpdm_jax.importers import clip as clip_importer
+    if enc_cfg.path:
+      enc = clip_importer.load_clip_vision(enc_cfg.path, dtype=dt)
+    else:
+      enc = CLIPVisionModelWithProjection(CLIPVisionConfig.tiny(**dict(enc_cfg.overrides)),
+                                          dtype=dt, rngs=nnx.Rngs(seed))
+    return enc, enc.config.hidden_size, ("source_image", size, "clip")
+  raise ValueError(f"model.source_encoder.kind={enc_cfg.kind!r}: stage1, dinov2 or clip")
+
+
+def unet_config(model_cfg, fusion_dim: int) -> UNetConfig:
+  base = SD21_UNET_CONFIG if model_cfg.unet_preset == "sd21" else UNetConfig()
+  kw = dict(model_cfg.unet_overrides)
+  for key in ("block_out_channels", "attention_head_dim", "down_block_types",
+              "up_block_types", "pose_embedding_channels"):
+    if key in kw and isinstance(kw[key], list):
+      kw[key] = tuple(kw[key])
+  kw.update(fpdm=True, class_embed_input_dim=fusion_dim)
+  if not model_cfg.latent:
+    kw.update(in_channels=3, out_channels=3)
+  return dataclasses.replace(base, **kw)
+
+
+def build(config):
+  """(Trainable, Frozen, views) for a stage-2 config."""
+  m = config.model
+  dt = common.dtype(m.dtype)
+  if not config.fusion.path:
+    raise FileNotFoundError("fusion.path is empty: set it to the stage-1 export, e.g. "
+                            "--config.fusion.path=runs/stage1/fusion_model")
+  fusion = load_fusion_model(config.fusion.path, dtype=dt)
+  fusion_dim = fusion.config.clip.projection_dim
+  encoder, token_dim, source_view = build_source_encoder(m.source_encoder, fusion, dt, config.seed)
+  ucfg = unet_config(m, fusion_dim)
+  if m.unet_path:
+    unet = unet_importer.load_unet(m.unet_path, fpdm=True, dtype=dt, remat=m.remat,
+                                   seed=config.seed, class_embed_input_dim=fusion_dim)
+  else:
+    unet = UNet2DConditionModel(ucfg, dtype=dt, remat=m.remat, rngs=nnx.Rngs(config.seed))
+  projection = SourceProjection(token_dim, unet.config.cross_attention_dim,
+                                hidden=m.projection_hidden, dropout=m.projection_dropout,
+                                dtype=dt, rngs=nnx.Rngs(config.seed + 1))
+  vae = None
+  if m.latent:
+    if not m.vae_path:
+      raise FileNotFoundError("model.latent=True needs model.vae_path (an SD pipeline "
+                              "folder or its vae/), or set model.latent=False")
+    vae = vae_importer.load_vae(m.vae_path, dtype=dt)
+  h, w = m.image_size
+  clip_size = (fusion.config.clip.image_size,) * 2
+  views = {"target": ("target_image", (h, w), "symmetric"),
+           "target_pose": ("target_pose_image", (h, w), "unit"),
+           "source_clip": ("source_image", clip_size, "clip"),
+           "pose_clip": ("target_pose_image", clip_size, "clip")}
+  if encoder is not None:
+    views["source_enc"] = source_view
+  return Trainable(unet, projection), Frozen(fusion, encoder, vae), views
+
+
+# ----------------------------------------------------------------------------
+# The stage.
+
+class DiffusionStage:
+  """What the shared loop needs to train stage 2."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    self.trainable, frozen, self.views = build(config)
+    self.frozen_def = common.ModelDef(frozen)
+    self._frozen = common.pure_params(frozen)
+    self.sched_cfg = scheduler_config(config.diffusion)
+    self.table = jnp.asarray(schedulers.alphas_cumprod(self.sched_cfg))
+    self.latent = config.model.latent
+    h, w = config.model.image_size
+    if self.latent:
+      f = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
+      self.shape = (h // f, w // f, frozen.vae.config.latent_channels)
+    else:
+      self.shape = (h, w, 3)
+    self._sample_fn = None
+    self._image_batch = None
+
+  def frozen_params(self):
+    return self._frozen
+
+  def conditions(self, model: Trainable, nets: Frozen, batch, *, deterministic: bool,
+                 rng=None) -> sampling.Conditions:
+    k1, k2 = (None, None) if rng is None else jax.random.split(rng)
+    f = jax.lax.stop_gradient(nets.fusion(batch["source_clip"], batch["pose_clip"]))
+    if nets.source_encoder is None:
+      tokens = nets.fusion.encoder(batch["source_clip"]).last_hidden_state
+    else:
+      tokens = nets.source_encoder(batch["source_enc"]).last_hidden_state
+    tokens = jax.lax.stop_gradient(tokens)
+    context = model.source_projection(tokens, deterministic=deterministic, rngs=k1)
+    pose, fusion = model.unet.embed_conditions(batch["target_pose"], f,
+                                               deterministic=deterministic, rngs=k2)
+    return sampling.Conditions(pose, context, fusion)
+
+  def encode_target(self, nets: Frozen, target, rng):
+    if not self.latent:
+      return target
+    return jax.lax.stop_gradient(nets.vae.encode_to_latents(target, rng))
+
+  def loss_fn(self, model: Trainable, frozen, batch, rng):
+    d = self.config.diffusion
+    nets = self.frozen_def(frozen)
+    batch = input_pipeline.normalise(batch, self.views)
+    k_lat, k_cond, k_drop, k_noise, k_off, k_t = jax.random.split(rng, 6)
+    x0 = self.encode_target(nets, batch["target"], k_lat).astype(jnp.float32)
+    b = x0.shape[0]
+    cond = self.conditions(model, nets, batch, deterministic=False, rng=k_cond)
+    # Classifier-free guidance: drop each condition independently.
+    n_draws = b if d.cond_drop_per_sample else 1
+    keep = jax.random.bernoulli(k_drop, 1.0 - d.cond_drop_prob, (3, n_draws))
+    keep = jnp.broadcast_to(keep, (3, b)).astype(jnp.float32)
+    cond = sampling.Conditions(cond.pose * keep[0][:, None, None, None],
+                               cond.context * keep[1][:, None, None],
+                               cond.fusion * keep[2][:, None])
+    noise = jax.random.normal(k_noise, x0.shape)
+    if d.noise_offset:
+      noise = noise + d.noise_offset * jax.random.normal(k_off, (b, 1, 1, x0.shape[-1]))
+    t = jax.random.randint(k_t, (b,), 0, self.sched_cfg.num_train_timesteps)
+    xt = schedulers.add_noise(self.table, x0, noise, t)
+    pred = model.unet(xt, t, cond.context, pose_features=cond.pose, class_embedding=cond.fusion)
+    target = schedulers.training_target(self.sched_cfg, x0, noise, t)
+    weight = schedulers.min_snr_weight(self.sched_cfg, t, d.min_snr_gamma) \
+        if d.min_snr_gamma > 0 else None
+    loss = losses.diffusion_mse(pred, target, weight)
+    return loss, {"mse": losses.diffusion_mse(pred, target),
+                  "dropped_pose": 1 - keep[0].mean(), "dropped_source": 1 - keep[1].mean(),
+                  "dropped_fusion": 1 - keep[2].mean()}
+
+  # -- sampling -------------------------------------------------------------
+  def params_for_sampling(self, state):
+    return state["ema"] if state["ema"] is not None else state["params"]
+
+  def sample_fn(self, model_def):
+    """jitted (params, frozen, batch, keys) -> images in [-1, 1]."""
+    if self._sample_fn is None:
+      s = self.config.sample
+      schedule = schedulers.make_sampler_schedule(s.kind, self.sched_cfg, s.steps)
+
+      def run(params, frozen, batch, keys):
+        model, nets = model_def(params), self.frozen_def(frozen)
+        batch = input_pipeline.normalise(batch, self.views)
+        cond = self.conditions(model, nets, batch, deterministic=True)
+        decode = nets.vae.decode_from_latents if self.latent else None
+        out = sampling.sample(model.unet, cond, keys, schedule, shape=self.shape,
+                              guidance=s.guidance, decode=decode)
+        return jnp.clip(out.astype(jnp.float32), -1.0, 1.0)
+      self._sample_fn = jax.jit(run)
+    return self._sample_fn
+
+  def evaluate(self, state, frozen, model_def) -> dict:
+    """Validation loss on a few test batches at fixed noise (cheap, comparable)."""
+    from fpdm_jax.trainers.loop import make_loader
+    loss_fn = jax.jit(lambda p, f, b, r: self.loss_fn(model_def(p), f, b, r)[0])
+    params = self.params_for_sampling(state)
+    values = []
+    loader = make_loader(self.config, self.views, self.config.data.eval_split, train=False)
+    for i, local in enumerate(loader):
+      if i >= max(1, self.config.eval.max_batches or 4):
+        break
+      if local["target"].shape[0] != self.config.eval.batch_size // jax.process_count():
+        break
+      batch = sharding.global_batch(local, self.mesh)
+      values.append(float(loss_fn(params, frozen, batch, jax.random.PRNGKey(i))))
+    return {"loss": float(np.mean(values))} if values else {}
+
+  def report_images(self, state, frozen, model_def, step) -> dict:
+    """A grid of (source | target pose | generated | ground truth) on test pairs."""
+    from fpdm_jax.trainers.loop import make_loader
+    n = self.config.sample.num_images
+    if self._image_batch is None:
+      views = dict(self.views, source=("source_image", tuple(self.config.model.image_size),
+                                        "symmetric"))
+      cfg = self.config.copy_and_resolve_references()
+      with cfg.unlocked():
+        cfg.eval.batch_size = n
+      local = next(iter(make_loader(cfg, views, cfg.data.eval_split, train=False)))
+      self._image_batch = local
+    local = self._image_batch
+    batch = sharding.global_batch({k: local[k] for k in list(self.views) + ["pair_index"]},
+                                  self.mesh)
+    keys = sampling.sample_keys(self.config.seed, batch["pair_index"])
+    images = np.asarray(self.sample_fn(model_def)(self.params_for_sampling(state), frozen,
+                                                  batch, keys))
+    rows = [[local["source"][i], local["target_pose"][i], visualize.to_uint8(images[i]),
+             local["target"][i]] for i in range(len(images))]
+    grid = visualize.image_grid(rows)
+    return {"samples": grid[None]}
+
+  def export(self, state, model_def, workdir: Path) -> None:
+    """The trained UNet as a diffusers folder (+ the source projection)."""
+    model = model_def(jax.device_get(self.params_for_sampling(state)))
+    if jax.process_index() != 0:
+      return
+    out = Path(workdir) / "export"
+    unet_importer.export_unet(model.unet, out / "unet")
+    hf_folder.save_safetensors(hf_folder.export_params(model.source_projection), out,
+                               "source_projection.safetensors")
+    logging.info("Exported the stage-2 UNet (diffusers format) to %s", out)
