@@ -3,7 +3,7 @@
 The chain is short and every link is a named op that can be tested alone:
 
   source (TFDS ArrayRecord, images left encoded)
-    -> IndexSampler (global shuffle with a seed, this process's shard)
+    -> ProcessBlockSampler (global shuffle with a seed; this process's rows)
     -> DecodeRecord -> FlipPair (optional augmentation) -> MakeViews
     -> Batch (per process) -> ``sharding.global_batch`` (global jax.Arrays)
 
@@ -22,7 +22,9 @@ would have seen.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -218,9 +220,87 @@ class LoaderConfig:
   drop_remainder: bool = True
 
 
+class ProcessBlockSampler:
+  """This process's rows of each global batch, read from ONE global order.
+
+  The global sequence of record indices (shuffled with the seed, epoch after
+  epoch) is the same for any number of processes; global batch k is its
+  positions [k*B, (k+1)*B) and process p reads the block [p*b, (p+1)*b) of
+  it (b = B / processes), which is what ``sharding.global_batch`` expects.
+  So N processes train on exactly the batches one process would, and a run
+  can resume on a different number of hosts (``state_after_batches``).
+
+  For a finite pass without ``drop_remainder`` (evaluation) the last global
+  batch is completed with repeats of the last record, so every process sees
+  the same number of full batches; ``valid_rows`` says how many rows count.
+  """
+
+  def __init__(self, num_records: int, batch_size: int, process_index: int,
+               process_count: int, *, shuffle: bool, seed: int, num_epochs: int | None,
+               drop_remainder: bool):
+    self._global = grain.samplers.IndexSampler(num_records=num_records, shuffle=shuffle,
+                                               seed=seed, num_epochs=num_epochs)
+    self._num_records, self._batch = num_records, batch_size
+    self._local = batch_size // process_count
+    self._offset = process_index * self._local
+    self._shuffle, self._seed, self._num_epochs = shuffle, seed, num_epochs
+    if num_epochs is None:
+      self._len = None
+    else:
+      total = num_epochs * num_records
+      batches = total // batch_size if drop_remainder else -(-total // batch_size)
+      self._len, self._total = batches * self._local, total
+
+  def __len__(self) -> int:
+    return sys.maxsize if self._len is None else self._len
+
+  def __repr__(self) -> str:  # Grain stores this with the iterator state
+    return (f"ProcessBlockSampler(num_records={self._num_records}, batch_size={self._batch}, "
+            f"shuffle={self._shuffle}, seed={self._seed}, num_epochs={self._num_epochs})")
+
+  def __getitem__(self, index: int):
+    if index < 0 or (self._len is not None and index >= self._len):
+      raise IndexError(f"index {index} out of range")
+    g = (index // self._local) * self._batch + self._offset + index % self._local
+    if self._len is not None and g >= self._total:
+      g = self._total - 1  # padding of the last evaluation batch
+    return self._global[g]
+
+
+def valid_rows(num_records: int, batch_size: int, batch_index: int) -> int:
+  """How many rows of global batch ``batch_index`` of one padded pass are real."""
+  return max(0, min(batch_size, num_records - batch_index * batch_size))
+
+
+def state_after_batches(iterator, num_batches: int, local_batch_size: int) -> bytes:
+  """The Grain iterator state of a loader that has yielded ``num_batches``.
+
+  For resuming when the saved states belong to a different number of
+  processes: with ``ProcessBlockSampler`` every process has consumed
+  ``num_batches * local_batch_size`` of its indices, whatever the count.
+  Mirrors ``grain.DataLoader``'s state layout (per-worker last seen index,
+  batches dealt to workers round-robin).
+  """
+  state = json.loads(iterator.get_state())
+  workers = state["worker_count"]
+  if workers == 0:
+    state["last_seen_indices"] = {"0": num_batches * local_batch_size - 1}
+    state["last_worker_index"] = -1
+  else:
+    seen = {}
+    for i in range(workers):
+      produced = max(0, -(-(num_batches - i) // workers)) * local_batch_size
+      seen[str(i)] = i - workers + produced * workers
+    state["last_seen_indices"] = seen
+    state["last_worker_index"] = num_batches % workers - 1
+  return json.dumps(state, indent=4).encode()
+
+
 def make_loader(cfg: LoaderConfig, *, process_index: int | None = None,
                 process_count: int | None = None, source=None) -> grain.DataLoader:
-  """A Grain DataLoader yielding this process's part of each global batch."""
+  """A Grain DataLoader yielding this process's part of each global batch
+  (``ProcessBlockSampler``: the global batches do not depend on the number of
+  processes)."""
   import jax
   from absl import flags
   if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
@@ -231,11 +311,9 @@ def make_loader(cfg: LoaderConfig, *, process_index: int | None = None,
     raise ValueError(f"global batch {cfg.batch_size} is not divisible by "
                      f"{process_count} processes")
   source = source if source is not None else open_source(cfg.data_dir, cfg.name, cfg.split)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source),
-      shard_options=grain.sharding.ShardOptions(process_index, process_count,
-                                                drop_remainder=cfg.drop_remainder),
-      shuffle=cfg.shuffle, num_epochs=cfg.num_epochs, seed=cfg.seed)
+  sampler = ProcessBlockSampler(len(source), cfg.batch_size, process_index, process_count,
+                                shuffle=cfg.shuffle, seed=cfg.seed, num_epochs=cfg.num_epochs,
+                                drop_remainder=cfg.drop_remainder)
   views = parse_views(cfg.views)
   needed = {v.key for v in views.values()}
   if cfg.flip_prob > 0:  # the flip redraws both sides' pose images
@@ -249,4 +327,4 @@ def make_loader(cfg: LoaderConfig, *, process_index: int | None = None,
   return grain.DataLoader(
       data_source=source, sampler=sampler, operations=ops,
       worker_count=cfg.worker_count, worker_buffer_size=cfg.worker_buffer_size,
-      shard_options=None)
+      shard_options=grain.sharding.NoSharding())

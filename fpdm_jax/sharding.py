@@ -70,3 +70,19 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   """
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), v)
           for k, v in local.items()}
+
+
+def to_host(tree):
+  """Global arrays -> numpy, whole, on every process.
+
+  ``np.asarray`` only works on arrays this process holds entirely; with
+  several processes a batch-sharded output (or an FSDP-sharded parameter)
+  has shards on other hosts, so those are all-gathered first.
+  """
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(one, tree)

@@ -39,6 +39,16 @@ def main(argv=None) -> int:
       epilog="Any config field can be overridden as --config.FIELD=VALUE.")
   parser.add_argument("--config", required=True, help="configs/FILE.py[:VARIANT]")
   parser.add_argument("--workdir", required=True, help="checkpoints, logs and exports go here")
+  multi = parser.add_argument_group(
+      "multi-process (see launch/README.md)",
+      "Not needed for one process, under SLURM (srun) or on a TPU pod slice, where "
+      "JAX finds its peers itself. Defaults: $FPDM_COORDINATOR, $FPDM_NUM_PROCESSES, "
+      "$FPDM_PROCESS_ID, $FPDM_CPU_COLLECTIVES.")
+  multi.add_argument("--coordinator", help="host:port of process 0's coordinator service")
+  multi.add_argument("--num-processes", type=int, help="how many processes take part")
+  multi.add_argument("--process-id", type=int, help="this process's index, 0..N-1")
+  multi.add_argument("--cpu-collectives", choices=("gloo", "mpi"),
+                     help="cross-process collectives for the CPU backend (local tests)")
   args = parser.parse_args(rest)
   setup_logging()
   try:
@@ -47,7 +57,12 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   from fpdm_jax import distributed
-  distributed.initialize_from_env()
+  try:
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           cpu_collectives=args.cpu_collectives)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   from fpdm_jax.trainers import common, loop
   try:
     summary = loop.train_and_evaluate(config, args.workdir)

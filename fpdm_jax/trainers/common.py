@@ -244,16 +244,36 @@ def save_checkpoint(mngr, step: int, state: dict, data_iter, *, force: bool = Fa
       data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
 
 
-def restore_checkpoint(mngr, abstract_state, data_iter, *, log=logging.info):
+def _saved_by_other_process_count(mngr, step: int) -> bool:
+  """Grain saves one iterator state per process (process_P-of-N.json)."""
+  data = mngr.directory / str(step) / "data"
+  mine = data / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  return data.exists() and not mine.exists() and any(data.glob("process_*-of-*.json"))
+
+
+def restore_checkpoint(mngr, abstract_state, data_iter, *, log=logging.info,
+                       reposition: Callable[[int], None] | None = None):
   """Restores the newest readable checkpoint; returns (state, step) or (None, 0).
 
   A checkpoint that fails to load (truncated, corrupt) is reported and the
   one before it is tried, so a crash during a save never loses the run.
+  A checkpoint written by a different number of processes (resuming on a
+  different number of hosts) has no iterator state for this process: the
+  train state is restored and ``reposition(step)`` puts the data iterator
+  where ``step`` steps leave it.
   """
   import grain
   import orbax.checkpoint as ocp
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
+      if reposition is not None and _saved_by_other_process_count(mngr, step):
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+        reposition(step)
+        log(f"Resumed from the checkpoint at step {step} in {mngr.directory}, saved by a "
+            f"different number of processes (now {jax.process_count()}); data position "
+            "recomputed from the step")
+        return restored["state"], step
       restored = mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
           data=grain.checkpoint.CheckpointRestore(data_iter)))

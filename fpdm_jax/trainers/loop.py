@@ -91,7 +91,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                  out_shardings=state_sh)
   abstract = jax.eval_shape(lambda: init(params))
   abstract = common.abstract_with_shardings(abstract, state_sh)
-  state, start = common.restore_checkpoint(mngr, abstract, train_iter, log=logging.info)
+  local_batch = tc.batch_size // jax.process_count()
+  state, start = common.restore_checkpoint(
+      mngr, abstract, train_iter, log=logging.info,
+      reposition=lambda step: train_iter.set_state(
+          input_pipeline.state_after_batches(train_iter, step, local_batch)))
   if state is None:
     state = init(params)
   del params, module

@@ -124,15 +124,19 @@ class FusionStage:
       self._eval_fn = jax.jit(embed)
     params = self._params_for_eval(state)
     fs, ts = [], []
-    loader = make_loader(self.config, self.views, self.config.data.eval_split, train=False)
+    d = self.config.data
+    loader = make_loader(self.config, self.views, d.eval_split, train=False)
+    num_records = len(input_pipeline.open_source(d.data_dir, d.name, d.eval_split))
     for i, local in enumerate(loader):
       if self.config.eval.max_batches and i >= self.config.eval.max_batches:
         break
-      n = local["source_clip"].shape[0]
+      # Every process holds full batches (the loader pads the last one); the
+      # outputs are gathered whole on every process, then the padding cut.
+      n = input_pipeline.valid_rows(num_records, self.config.eval.batch_size, i)
       local = _pad_batch(local, self.config.eval.batch_size // jax.process_count())
-      f, t = self._eval_fn(params, sharding.global_batch(local, self.mesh))
-      fs.append(np.asarray(f)[:n])
-      ts.append(np.asarray(t)[:n])
+      f, t = sharding.to_host(self._eval_fn(params, sharding.global_batch(local, self.mesh)))
+      fs.append(f[:n])
+      ts.append(t[:n])
     f, t = np.concatenate(fs), np.concatenate(ts)
     t = t / np.linalg.norm(t, axis=-1, keepdims=True)
     m = losses.retrieval_metrics(jnp.asarray(f @ t.T))
@@ -144,7 +148,7 @@ class FusionStage:
     return {}
 
   def export(self, state, model_def, workdir: Path) -> None:
-    model = model_def(jax.device_get(self._params_for_eval(state)))
+    model = model_def(sharding.to_host(self._params_for_eval(state)))
     if jax.process_index() == 0:
       export_fusion_model(model, Path(workdir) / "fusion_model")
       logging.info("Exported the fusion model to %s", Path(workdir) / "fusion_model")
