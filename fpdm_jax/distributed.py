@@ -108,8 +108,23 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   if cluster is None:
     return False
   logging.info("jax.distributed: initialising from the %s environment", cluster)
-  jax.distributed.initialize(initialization_timeout=timeout)
+  jax.distributed.initialize(initialization_timeout=timeout,
+                             local_device_ids=_slurm_local_devices())
   return True
+
+
+def _slurm_local_devices() -> list[int] | None:
+  """Under SLURM JAX assumes one task per GPU and shows task i only GPU
+  SLURM_LOCALID. With one task per node (launch/slurm.sbatch) that task must
+  see all the node's GPUs. JAX_LOCAL_DEVICE_IDS, when set, wins."""
+  if not os.environ.get("SLURM_JOB_ID") or os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+    return None
+  per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE", os.environ.get(
+      "SLURM_NTASKS_PER_NODE", ""))
+  gpus = _int_env("SLURM_GPUS_ON_NODE")
+  if gpus and per_node.split("(")[0] == "1":
+    return list(range(gpus))
+  return None
 
 
 def initialize_from_env() -> bool:

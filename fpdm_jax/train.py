@@ -51,6 +51,11 @@ def main(argv=None) -> int:
                      help="cross-process collectives for the CPU backend (local tests)")
   args = parser.parse_args(rest)
   setup_logging()
+  if "://" in args.workdir:
+    # pathlib would turn gs://b/run into a local folder "gs:/b/run" on every host.
+    print(f"error: --workdir {args.workdir}: remote URLs are not supported yet; mount the "
+          "bucket (launch/tpu_pod.sh uses gcsfuse) and pass the mount path", file=sys.stderr)
+    return 2
   try:
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
   except config_lib.ConfigError as e:
