@@ -7,6 +7,7 @@ What ``launch/local_multiprocess.sh`` does by hand.
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 LOSS_RTOL = 1e-4
 PARAM_ATOL = 1e-4
 TIMEOUT = 240  # seconds per command; a hang must fail, not stall the suite
+MAX_ATTEMPTS = 2
+TRANSIENT = ("Gloo", "rendezvous", "DEADLINE_EXCEEDED", "heartbeat")
 
 
 def overrides(synthetic_data, **train):
@@ -108,12 +111,21 @@ def max_param_diff(a, b) -> float:
 def test_two_processes_match_one_and_their_checkpoint_resumes_in_one(synthetic_data, tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
   # (a) 2 processes x 2 devices, 6 of 8 steps (stop_at_step saves as a preemption would).
-  port = free_port()
-  texts = run_all([(train_cmd(multi, synthetic_data, stop_at_step=6),
-                    cpu_env(2, FPDM_COORDINATOR=f"localhost:{port}", FPDM_NUM_PROCESSES="2",
-                            FPDM_PROCESS_ID=str(i), FPDM_CPU_COLLECTIVES="gloo",
-                            FPDM_INIT_TIMEOUT="60"))
-                   for i in range(2)], tmp_path, "multi")
+  for attempt in range(1, MAX_ATTEMPTS + 1):
+    port = free_port()
+    try:
+      texts = run_all([(train_cmd(multi, synthetic_data, stop_at_step=6),
+                        cpu_env(2, FPDM_COORDINATOR=f"localhost:{port}", FPDM_NUM_PROCESSES="2",
+                                FPDM_PROCESS_ID=str(i), FPDM_CPU_COLLECTIVES="gloo",
+                                FPDM_INIT_TIMEOUT="60"))
+                       for i in range(2)], tmp_path, f"multi{attempt}")
+      break
+    except AssertionError as e:
+      # An overloaded machine can miss Gloo's connect / XLA's rendezvous
+      # deadlines: that is the host, not the code; anything else fails now.
+      if attempt == MAX_ATTEMPTS or not any(m in str(e) for m in TRANSIENT):
+        raise
+      shutil.rmtree(multi, ignore_errors=True)
   assert "(2 processes)" in texts[0] and "(2 processes)" in texts[1]
   got = json.loads((multi / "train_summary.json").read_text())
   # ... against 1 process x 4 devices over the same global batches.
