@@ -45,6 +45,7 @@ def stage2_model() -> ml_collections.ConfigDict:
   """The reference FPDM stage 2: SD 2.1 in latent space, DINOv2-L source tokens."""
   return ml_collections.ConfigDict(dict(
       latent=True,
+      pixel_unshuffle=1,    # latent=False: diffuse f x f pixel blocks folded into channels
       vae_path="",          # SD 2.1 pipeline folder (or its vae/)
       unet_path="",         # SD 2.1 pipeline folder (or its unet/): initialises the UNet
       unet_preset="sd21",   # architecture when unet_path is empty

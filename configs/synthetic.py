@@ -40,14 +40,16 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
   if stage == "stage2":
     c.fusion = ml_collections.ConfigDict(dict(path="demo_out/stage1/fusion_model"))
     c.model = common.stage2_model()
-    c.model.update(latent=False, image_size=(64, 64), unet_preset="custom",
-                   projection_hidden=64)
+    # Pixel space folded 4x4 into channels: the UNet works at 16x16x48, as
+    # SD's works at 1/8 resolution in latent space.
+    c.model.update(latent=False, pixel_unshuffle=4, image_size=(64, 64),
+                   unet_preset="custom", projection_hidden=64)
     c.model.unet_overrides = dict(
-        sample_size=64, block_out_channels=(32, 64, 128), layers_per_block=1,
-        attention_head_dim=(2, 4, 8), cross_attention_dim=64, norm_num_groups=16,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        pose_embedding_channels=(16,))  # pixel space: pose features at full resolution
+        sample_size=16, block_out_channels=(64, 128), layers_per_block=2,
+        attention_head_dim=(4, 8), cross_attention_dim=64, norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        pose_embedding_channels=(16, 32, 64))  # two stride-2 convs: 64x64 -> 16x16
     c.model.source_encoder.kind = "stage1"  # the trained stage-1 CLIP's tokens
     c.diffusion = common.stage2_diffusion()
     c.diffusion.scheduler_overrides = dict(prediction_type="epsilon")
@@ -63,10 +65,11 @@ def get_config(arg: str = "stage1") -> ml_collections.ConfigDict:
     c.eval.update(batch_size=8, max_batches=1)
     if stage == "stage2":
       c.model.unet_overrides = dict(
-          sample_size=64, block_out_channels=(16, 32), layers_per_block=1,
+          sample_size=16, block_out_channels=(16, 32), layers_per_block=1,
           attention_head_dim=(2, 4), cross_attention_dim=32, norm_num_groups=8,
-          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), pose_embedding_channels=(8,))
+          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+          pose_embedding_channels=(8, 16, 16))
       c.model.projection_hidden = 32
       c.sample.update(steps=3, num_images=2)
       c.train.image_every = 6

@@ -95,3 +95,13 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     else:
       rest.append(arg)
   return overrides, rest
+
+
+def load_json_config(path) -> ml_collections.ConfigDict:
+  """The ``config.json`` a training run wrote into its workdir."""
+  import json
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path} not found: pass --config, or point --workdir at a training run")
+  cfg = ml_collections.ConfigDict(json.loads(open(path).read()))
+  cfg.lock()
+  return cfg

@@ -8,14 +8,14 @@ non-finite guard, and CLU reports.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import optax
 from clu import metric_writers, metrics as clu_metrics, parameter_overview, periodic_actions
 
@@ -52,18 +52,23 @@ def metric_collection(names):
       **{n: clu_metrics.Average.from_output(n) for n in names})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-  """Trains ``config.stage`` into ``workdir``; rerunning resumes. Returns the last metrics."""
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  write_config(config, workdir)
-  tc = config.train
-  mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
-  logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape),
-               jax.device_count(), jax.process_count())
-  stage = _stage_class(config.stage)(config, mesh)
+@dataclasses.dataclass
+class Setup:
+  """Everything about a run that follows from its config, before any data."""
+  stage: Any
+  model_def: common.ModelDef
+  tx: optax.GradientTransformation
+  params: Any            # initial trainable parameters (host)
+  state_sh: dict         # shardings of the train state
+  frozen: Any            # frozen networks' parameters, on the mesh
+  frozen_sh: Any
+  init: Any              # jitted params -> train state
+  abstract: Any          # abstract train state with shardings (for restoring)
 
-  # Parameters, optimiser, shardings.
+
+def build_setup(config: ml_collections.ConfigDict, mesh) -> Setup:
+  tc = config.train
+  stage = _stage_class(config.stage)(config, mesh)
   module = stage.trainable
   model_def = common.ModelDef(module)
   params = common.pure_params(module)
@@ -81,24 +86,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   frozen = stage.frozen_params()
   frozen_sh = common.tree_shardings(frozen, mesh, rules, config.sharding.min_fsdp_size)
   frozen = jax.device_put(frozen, frozen_sh)
+  init = jax.jit(lambda p: common.init_state(p, tx, seed=config.seed, ema=use_ema),
+                 out_shardings=state_sh)
+  abstract = common.abstract_with_shardings(jax.eval_shape(init, params), state_sh)
+  return Setup(stage, model_def, tx, params, state_sh, frozen, frozen_sh, init, abstract)
+
+
+def restore_trained(config: ml_collections.ConfigDict, workdir: str | Path, mesh,
+                    step: int | None = None):
+  """(setup, params for inference (EMA when kept), step) from a run's checkpoints."""
+  import orbax.checkpoint as ocp
+  setup = build_setup(config, mesh)
+  ckpt_dir = Path(workdir) / "checkpoints"
+  if not ckpt_dir.is_dir():
+    raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first with "
+                            f"python -m fpdm_jax.train --config ... --workdir {workdir}")
+  mngr = ocp.CheckpointManager(ckpt_dir.absolute(), item_names=("state", "data"),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+  for s in steps:
+    try:
+      restored = mngr.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(setup.abstract)))
+    except Exception as e:
+      logging.warning("checkpoint %d in %s cannot be read (%s); trying the previous one",
+                      s, ckpt_dir, str(e)[:200])
+      continue
+    state = restored["state"]
+    params = state["ema"] if state["ema"] is not None else state["params"]
+    return setup, params, s
+  raise FileNotFoundError(f"no readable checkpoint in {ckpt_dir}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains ``config.stage`` into ``workdir``; rerunning resumes. Returns the last metrics."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_config(config, workdir)
+  tc = config.train
+  mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
+  logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape),
+               jax.device_count(), jax.process_count())
+  setup = build_setup(config, mesh)
+  stage, model_def, tx = setup.stage, setup.model_def, setup.tx
+  state_sh, frozen, frozen_sh = setup.state_sh, setup.frozen, setup.frozen_sh
+  repl = sharding.replicated(mesh)
 
   train_loader = make_loader(config, stage.views, config.data.train_split, train=True)
   train_iter = iter(train_loader)
 
   ckpt_dir = workdir / "checkpoints"
   mngr = common.make_checkpoint_manager(ckpt_dir, tc)
-  init = jax.jit(lambda p: common.init_state(p, tx, seed=config.seed, ema=use_ema),
-                 out_shardings=state_sh)
-  abstract = jax.eval_shape(lambda: init(params))
-  abstract = common.abstract_with_shardings(abstract, state_sh)
   local_batch = tc.batch_size // jax.process_count()
   state, start = common.restore_checkpoint(
-      mngr, abstract, train_iter, log=logging.info,
+      mngr, setup.abstract, train_iter, log=logging.info,
       reposition=lambda step: train_iter.set_state(
           input_pipeline.state_after_batches(train_iter, step, local_batch)))
   if state is None:
-    state = init(params)
-  del params, module
+    state = setup.init(setup.params)
+  setup.params = None  # the state holds them now
 
   step_fn = common.make_train_step(
       lambda p, f, b, r: stage.loss_fn(model_def(p), f, b, r), tx,

@@ -51,6 +51,28 @@ class Frozen(nnx.Module):
     self.vae = vae
 
 
+def space_to_depth(x: jax.Array, f: int) -> jax.Array:
+  """[B, H, W, C] -> [B, H/f, W/f, C f^2]: pixel space at a latent-like resolution.
+
+  The synthetic default diffuses pixels (no pretrained VAE), but a UNet at
+  full resolution is too slow on a CPU; folding f x f pixel blocks into
+  channels gives it the VAE's spatial downsampling without its weights.
+  """
+  if f == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // f, w // f, f * f * c)
+
+
+def depth_to_space(x: jax.Array, f: int) -> jax.Array:
+  if f == 1:
+    return x
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, f, f, c // (f * f)).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h * f, w * f, c // (f * f))
+
+
 # ----------------------------------------------------------------------------
 # Building the networks from the config.
 
@@ -103,7 +125,8 @@ def unet_config(model_cfg, fusion_dim: int) -> UNetConfig:
       kw[key] = tuple(kw[key])
   kw.update(fpdm=True, class_embed_input_dim=fusion_dim)
   if not model_cfg.latent:
-    kw.update(in_channels=3, out_channels=3)
+    c = 3 * model_cfg.pixel_unshuffle ** 2
+    kw.update(in_channels=c, out_channels=c)
   return dataclasses.replace(base, **kw)
 
 
@@ -162,7 +185,11 @@ class DiffusionStage:
       f = 2 ** (len(frozen.vae.config.block_out_channels) - 1)
       self.shape = (h // f, w // f, frozen.vae.config.latent_channels)
     else:
-      self.shape = (h, w, 3)
+      f = config.model.pixel_unshuffle
+      if h % f or w % f:
+        raise ValueError(f"model.image_size {h}x{w} is not divisible by "
+                         f"model.pixel_unshuffle={f}")
+      self.shape = (h // f, w // f, 3 * f * f)
     self._sample_fn = None
     self._image_batch = None
 
@@ -185,8 +212,13 @@ class DiffusionStage:
 
   def encode_target(self, nets: Frozen, target, rng):
     if not self.latent:
-      return target
+      return space_to_depth(target, self.config.model.pixel_unshuffle)
     return jax.lax.stop_gradient(nets.vae.encode_to_latents(target, rng))
+
+  def decode(self, nets: Frozen):
+    if self.latent:
+      return nets.vae.decode_from_latents
+    return lambda x: depth_to_space(x, self.config.model.pixel_unshuffle)
 
   def loss_fn(self, model: Trainable, frozen, batch, rng):
     d = self.config.diffusion
@@ -231,9 +263,8 @@ class DiffusionStage:
         model, nets = model_def(params), self.frozen_def(frozen)
         batch = input_pipeline.normalise(batch, self.views)
         cond = self.conditions(model, nets, batch, deterministic=True)
-        decode = nets.vae.decode_from_latents if self.latent else None
         out = sampling.sample(model.unet, cond, keys, schedule, shape=self.shape,
-                              guidance=s.guidance, decode=decode)
+                              guidance=s.guidance, decode=self.decode(nets))
         return jnp.clip(out.astype(jnp.float32), -1.0, 1.0)
       self._sample_fn = jax.jit(run)
     return self._sample_fn
