@@ -143,6 +143,10 @@ def write_report(out_dir: Path, results: dict, header: str) -> None:
     for res, m in rows.items():
       lines.append(f"| {res} | {fmt(m['ssim'])} | {fmt(m['ssim_256'])} | {fmt(m['psnr'], 3)} "
                    f"| {fmt(m['lpips'])} | {fmt(m['fid'], 3)} | {m['num_images']} |")
+    base = results.get("copy_source_baseline", {})
+    for res, m in base.items():
+      lines.append(f"| {res}, copy source (baseline) | {fmt(m['ssim'])} | {fmt(m['ssim_256'])} "
+                   f"| {fmt(m['psnr'], 3)} | {fmt(m['lpips'])} | - | {m['num_images']} |")
     lines += ["", f"FID reference set: {results.get('fid_reference')}"]
   for k, v in results.get("retrieval", {}).items():
     lines.append(f"- {k}: {v}")
@@ -177,6 +181,9 @@ def evaluate_stage2(config, workdir: Path, args) -> dict:
   else:
     logging.warning("FID skipped: pass --inception (torchvision inception_v3 weights)")
   per_res = {hw: Metrics(hw, bs, lpips, inception) for hw in RESOLUTIONS}
+  # The naive answer "copy the source photo", scored the same way: a model
+  # that has learned the task must beat it clearly.
+  copy_source = {hw: Metrics(hw, bs, lpips) for hw in RESOLUTIONS}
 
   d = config.data
   source = input_pipeline.open_source(d.data_dir, d.name, d.eval_split)
@@ -215,6 +222,10 @@ def evaluate_stage2(config, workdir: Path, args) -> dict:
                             _resize_uint8([r["target_image"]], hw)[0]])
       for m in per_res.values():
         m.update(images, targets)
+      if k == 0:
+        sources = _resize_uint8([r["source_image"] for r in records], images.shape[1:3])
+        for m in copy_source.values():
+          m.update(sources, targets)
       bar.update(n)
     done += n
   bar.close()
@@ -231,6 +242,8 @@ def evaluate_stage2(config, workdir: Path, args) -> dict:
                             workdir / "eval" / f"fid_ref_{split}_{hw[0]}x{hw[1]}.npz",
                             args.fid_reference_limit, batch=bs)
     results["resolutions"][f"{hw[1]}x{hw[0]}"] = m.result(ref)
+  results["copy_source_baseline"] = {f"{hw[1]}x{hw[0]}": m.result()
+                                     for hw, m in copy_source.items()}
   if grid_rows:
     visualize.save_png(visualize.image_grid(grid_rows), out_dir / "samples_grid.png")
   write_report(out_dir, results, f"{workdir} step {step}, FID reference: {args.fid_reference} "
