@@ -178,6 +178,9 @@ def test_config_errors_name_the_key():
     config_lib.apply_overrides(cfg, ["train.num_steps=fast"])
   with pytest.raises(config_lib.ConfigError, match="variant"):
     config_lib.load_config("configs/synthetic.py:stage3")
+  for variant in ("stage1", "stage2"):  # the reference configs load and validate
+    ref = config_lib.load_config(f"configs/fpdm_deepfashion.py:{variant}")
+    assert ref.model.image_size == (512, 352) if variant == "stage2" else ref.train.batch_size == 48
   cfg = config_lib.apply_overrides(cfg, ["optim.lr=1", "train.batch_size=16"])
   assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.train.batch_size == 16
 
