@@ -1,0 +1,247 @@
+"""Helpers shared by the model benchmarks (train_step, sampling, roofline).
+
+Conventions (as ``benchmarks/input_pipeline.py``): a Markdown table on stdout,
+``--json PATH`` for everything measured plus the machine, ``--quick`` smoke
+mode, one fresh process per measurement where isolation matters.
+
+The UNet configurations are stated here once so that every script (and the
+README) means the same thing by "small" and "medium".
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parent.parent
+
+# ----------------------------------------------------------------------------
+# Model configurations (UNetConfig keyword arguments + benchmark shapes).
+
+UNET_CASES = {
+    # For --quick smoke runs only.
+    "tiny": dict(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(1, 2),
+                  cross_attention_dim=32, norm_num_groups=8,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                  class_embed_input_dim=32, pose_embedding_channels=(4, 8, 8, 16)),
+        latent=(16, 16), tokens=16),
+    # Three levels, one resnet per level, two cross-attention levels.
+    "small": dict(
+        unet=dict(block_out_channels=(32, 64, 64), layers_per_block=1,
+                  attention_head_dim=(1, 2, 2), cross_attention_dim=64, norm_num_groups=16,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                    "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  class_embed_input_dim=256, pose_embedding_channels=(8, 16, 32, 64)),
+        latent=(32, 32), tokens=64),
+    # SD's layout scaled down: 2 resnets per level, 64-channel heads, FPDM's real
+    # pose embedding widths and 768-d fusion embedding.
+    "medium": dict(
+        unet=dict(block_out_channels=(64, 128, 256), layers_per_block=2,
+                  attention_head_dim=(1, 2, 4), cross_attention_dim=256, norm_num_groups=32,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                    "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  class_embed_input_dim=768, pose_embedding_channels=(16, 32, 96, 256)),
+        latent=(32, 32), tokens=64),
+}
+
+
+def unet_config(name: str):
+  from fpdm_jax.models.unet import UNetConfig
+  case = UNET_CASES[name]
+  h, _ = case["latent"]
+  return UNetConfig(sample_size=h, fpdm=True, use_linear_projection=True, upcast_attention=True,
+                    **case["unet"])
+
+
+def describe_case(name: str) -> str:
+  c = UNET_CASES[name]
+  u = c["unet"]
+  return (f"{name}: block_out_channels {tuple(u['block_out_channels'])}, layers_per_block "
+          f"{u['layers_per_block']}, heads {tuple(u['attention_head_dim'])}, cross-attention "
+          f"{u['cross_attention_dim']}-d x {c['tokens']} tokens, latents {c['latent'][0]}x"
+          f"{c['latent'][1]}x4 (pose image {8 * c['latent'][0]}x{8 * c['latent'][1]}, pose "
+          f"embedding {tuple(u['pose_embedding_channels'])}), fusion embedding "
+          f"{u['class_embed_input_dim']}-d")
+
+
+def build_unet_pair(name: str, folder: Path, seed: int = 0):
+  """(our FPDM UNet, torch diffusers UNet with FPDM's additions) with the SAME
+  weights: ours is initialised, exported with ``export_unet``, and the torch
+  model is read back from that folder. The torch model's ``forward(x, t, ctx,
+  pose_image=None, fusion=None, pose_features=None)`` adds the pose embedding
+  after ``conv_in`` through a forward hook (as tests/test_models_unet.py)."""
+  import torch
+  from flax import nnx
+  from safetensors.torch import load_file
+
+  from fpdm_jax.importers.unet import WEIGHTS_NAME, export_unet
+  from fpdm_jax.models.unet import UNet2DConditionModel
+  from diffusers import UNet2DConditionModel as TorchUNet
+  from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
+
+  cfg = unet_config(name)
+  ours = UNet2DConditionModel(cfg, rngs=nnx.Rngs(seed))
+  # The pose embedding's last conv is zero-initialised; give it weights so both
+  # sides compute (and differentiate) a non-trivial branch.
+  k = ours.pose_embedding.conv_out.kernel
+  k.set_value(0.01 * jax_normal(seed + 1, k.get_value().shape))
+  export_unet(ours, folder)
+  unet = TorchUNet.from_pretrained(str(folder), low_cpu_mem_usage=False)
+  d = cfg.class_embed_input_dim
+  unet.class_embedding = torch.nn.Sequential(
+      torch.nn.Linear(d, d), torch.nn.GELU(), torch.nn.Dropout(cfg.class_embed_dropout),
+      torch.nn.Linear(d, cfg.time_embed_dim), torch.nn.Dropout(cfg.class_embed_dropout))
+  unet.pose_embedding = ControlNetConditioningEmbedding(
+      cfg.block_out_channels[0], conditioning_channels=cfg.pose_conditioning_channels,
+      block_out_channels=cfg.pose_embedding_channels)
+  unet.load_state_dict(load_file(str(Path(folder) / WEIGHTS_NAME)), strict=True)
+  hook_state = {"pose": None}
+
+  def hook(mod, inp, out):
+    return out if hook_state["pose"] is None else out + hook_state["pose"]
+
+  unet.conv_in.register_forward_hook(hook)
+
+  def forward(x, t, ctx, *, pose_image=None, fusion=None, pose_features=None):
+    hook_state["pose"] = (unet.pose_embedding(pose_image) if pose_image is not None
+                          else pose_features)
+    return unet(x, t, ctx, class_labels=fusion).sample
+
+  return ours, unet, forward
+
+
+def jax_normal(seed, shape):
+  import jax
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+# ----------------------------------------------------------------------------
+# Timing and memory.
+
+def block(tree):
+  import jax
+  return jax.block_until_ready(tree)
+
+
+def summarize(times: list[float]) -> dict:
+  return {"times_s": times, "median_s": statistics.median(times), "min_s": min(times),
+          "max_s": max(times)}
+
+
+def rss_bytes() -> int:
+  """Current resident set size (VmRSS)."""
+  for line in Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmRSS:"):
+      return int(line.split()[1]) * 1024
+  return 0
+
+
+def hwm_bytes() -> int:
+  """Peak resident set size since start or the last ``reset_hwm`` (VmHWM)."""
+  for line in Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) * 1024
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_hwm() -> bool:
+  """Resets VmHWM to the current RSS (Linux >= 4.0: ``echo 5 > clear_refs``)."""
+  try:
+    Path("/proc/self/clear_refs").write_text("5")
+    return True
+  except OSError:
+    return False
+
+
+def jax_memory(compiled) -> dict:
+  """The compiled executable's buffer sizes (bytes)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {k: int(getattr(m, k)) for k in (
+      "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+      "temp_size_in_bytes", "generated_code_size_in_bytes") if hasattr(m, k)}
+  out["total_bytes"] = (out.get("argument_size_in_bytes", 0) + out.get("output_size_in_bytes", 0)
+                        - out.get("alias_size_in_bytes", 0) + out.get("temp_size_in_bytes", 0))
+  return out
+
+
+def jax_flops(compiled) -> float | None:
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else None
+  if not ca:
+    return None
+  return float(ca.get("flops", 0.0)) or None
+
+
+# ----------------------------------------------------------------------------
+# Sub-processes and reporting.
+
+def run_module(module: str, spec: dict, timeout: float | None = None) -> dict:
+  """``python -m module --run-one JSON`` in a fresh interpreter; its last JSON line."""
+  cmd = [sys.executable, "-m", module, "--run-one", json.dumps(spec)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), timeout=timeout)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode or not lines:
+    sys.stderr.write(proc.stderr[-6000:])
+    raise SystemExit(f"{module} measurement {spec} failed (exit {proc.returncode})")
+  return json.loads(lines[-1])
+
+
+def machine_info() -> dict:
+  from importlib.metadata import PackageNotFoundError, version
+  cpu = "unknown"
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  versions = {}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "transformers", "numpy"):
+    try:
+      versions[pkg] = version(pkg)
+    except PackageNotFoundError:
+      pass
+  try:
+    load = os.getloadavg()
+  except OSError:
+    load = None
+  return {"nproc": os.cpu_count(), "sched_cpus": len(os.sched_getaffinity(0)), "cpu": cpu,
+          "python": platform.python_version(), "platform": platform.platform(),
+          "versions": versions, "loadavg_at_start": load}
+
+
+def machine_line(m: dict) -> str:
+  v = m["versions"]
+  load = m.get("loadavg_at_start")
+  load_s = f" · load avg at start {load[0]:.1f}" if load else ""
+  return (f"Machine: {m['sched_cpus']} CPUs (nproc) · {m['cpu']} · Python {m['python']} · "
+          f"jax {v.get('jax', '?')} · flax {v.get('flax', '?')} · torch {v.get('torch', '?')} · "
+          f"diffusers {v.get('diffusers', '?')} · transformers {v.get('transformers', '?')}"
+          f"{load_s}")
+
+
+def write_json(path: str | None, payload: dict) -> None:
+  if path:
+    Path(path).write_text(json.dumps(payload, indent=2, default=str))
+    print(f"wrote {path}")
+
+
+def mib(x: float | None) -> str:
+  return "" if x is None else f"{x / 2 ** 20:.0f}"
