@@ -27,5 +27,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   dtype = q.dtype
   if upcast:
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+  if implementation is None and jax.default_backend() == "cpu":
+    out = _heads_major_attention(q, k, v, mask)
+  else:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
   return out.astype(dtype)
+
+
+def _heads_major_attention(q, k, v, mask):
+  """The same maths with heads before tokens ([B, N, T, D] batched matmuls).
+
+  XLA:CPU has no fused attention kernel and runs ``jax.nn.dot_product_attention``'s
+  [B, T, N, D] einsums 3-4x slower than these layouts (benchmarks/README.md,
+  "attention"); on GPU/TPU the fused kernels win, so this path is CPU-only.
+  """
+  scale = q.shape[-1] ** -0.5
+  qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+  logits = jnp.matmul(qh * jnp.asarray(scale, q.dtype), jnp.swapaxes(kh, -1, -2))
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(vh.dtype)
+  return jnp.swapaxes(jnp.matmul(weights, vh), 1, 2)
