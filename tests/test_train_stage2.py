@@ -176,3 +176,24 @@ def test_sample_cli_on_user_inputs(stage2_run, synthetic_data, tmp_path, capsys)
     assert sample_cli.main(["--workdir", str(workdir), "--source", str(tmp_path / src),
                             "--pose", str(tmp_path / pose), "--out", str(tmp_path / "x.png")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_scheduler_overrides_apply_to_the_builtin_schedule():
+  import ml_collections
+  cfg = ml_collections.ConfigDict(dict(scheduler="sd21",
+                                       scheduler_overrides={"prediction_type": "epsilon"}))
+  assert stage2.scheduler_config(cfg).prediction_type == "epsilon"
+  cfg.scheduler_overrides = {}
+  assert stage2.scheduler_config(cfg).prediction_type == "v_prediction"
+
+
+def test_ema_warms_up_instead_of_averaging_in_the_initialisation():
+  import optax
+  from fpdm_jax.trainers import common
+  tx = optax.sgd(1.0)
+  step = jax.jit(common.make_train_step(lambda p, f, b, r: (jnp.sum(p["w"] * b["x"]), {}), tx,
+                                        ema_decay=0.999))
+  state = common.init_state({"w": jnp.zeros(())}, tx, seed=0, ema=True)
+  state, _ = step(state, {}, {"x": jnp.ones(())})
+  # Step 0: decay min(0.999, 1/10) = 0.1, so the EMA is 90% the new weights (-1).
+  np.testing.assert_allclose(state["ema"]["w"], -0.9, rtol=1e-6)

@@ -194,7 +194,11 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
     new_state["params"] = keep(new_params, params)
     new_state["opt_state"] = keep(new_opt, state["opt_state"])
     if state["ema"] is not None:
-      ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+      # Warm-up (as diffusers' EMAModel): a young EMA follows the weights
+      # closely instead of averaging in the random initialisation.
+      step = state["step"].astype(jnp.float32)
+      decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+      ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
                          state["ema"], new_state["params"])
       new_state["ema"] = keep(ema, state["ema"])
     new_state["step"] = state["step"] + 1

@@ -77,16 +77,19 @@ def depth_to_space(x: jax.Array, f: int) -> jax.Array:
 # Building the networks from the config.
 
 def scheduler_config(diffusion_cfg) -> schedulers.SchedulerConfig:
+  """SD 2.1's scheduler ("sd21") or a diffusers scheduler_config.json, then
+  ``diffusion.scheduler_overrides`` (e.g. prediction_type)."""
   if diffusion_cfg.scheduler == "sd21":
-    return schedulers.SD21_SCHEDULER
-  path = Path(diffusion_cfg.scheduler)
-  if path.is_dir():
-    path = path / "scheduler" / "scheduler_config.json" if (path / "scheduler").is_dir() \
-        else path / "scheduler_config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"diffusion.scheduler={diffusion_cfg.scheduler!r}: no "
-                            "scheduler_config.json there (use 'sd21' for SD 2.1's)")
-  cfg = schedulers.SchedulerConfig.from_diffusers_dict(json.loads(path.read_text()))
+    cfg = schedulers.SD21_SCHEDULER
+  else:
+    path = Path(diffusion_cfg.scheduler)
+    if path.is_dir():
+      path = path / "scheduler" / "scheduler_config.json" if (path / "scheduler").is_dir() \
+          else path / "scheduler_config.json"
+    if not path.is_file():
+      raise FileNotFoundError(f"diffusion.scheduler={diffusion_cfg.scheduler!r}: no "
+                              "scheduler_config.json there (use 'sd21' for SD 2.1's)")
+    cfg = schedulers.SchedulerConfig.from_diffusers_dict(json.loads(path.read_text()))
   overrides = dict(diffusion_cfg.scheduler_overrides)
   return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
