@@ -23,7 +23,9 @@ Both loaders then produce the same stage-2 view set, per pair:
 always keeps; ours is HWC, torch is CHW as ToTensor makes).
 
   ours         fpdm_jax.input_pipeline.make_loader: DecodeRecord (cv2) -> MakeViews
-               (cv2 resize, float32) -> Batch, grain worker_count=W.
+               (cv2 resize, uint8) -> Batch, grain worker_count=W. The float
+               normalisation runs inside the jitted train step on the device
+               (input_pipeline.normalise), so it is not part of loading.
   torch        torch Dataset: PIL open of source JPEG, target JPEG and target pose
                PNG from the folder, PIL bicubic resize, then ToTensor + Normalize done
                step for step in numpy (CHW uint8 -> float32 / 255 -> per-channel
@@ -450,7 +452,9 @@ def check_views_agree(cfg: dict) -> dict:
   from fpdm_jax import input_pipeline as ip
   source = ip.open_source(cfg["data_dir"], cfg["name"], "train")
   record = ip.DecodeRecord().map(source[0])
-  ours = ip.MakeViews(ip.parse_views(cfg["views"])).map(record)
+  # Ours ships uint8 views and normalises inside the jitted train step.
+  ours = {k: np.asarray(v) for k, v in ip.normalise(
+      ip.MakeViews(ip.parse_views(cfg["views"])).map(record), cfg["views"]).items()}
   theirs = make_torch_dataset(cfg, stored=False)[int(record["pair_index"])]
   out = {}
   for name in cfg["views"]:
