@@ -7,6 +7,7 @@ output names and dataset order agree) and writes ``prep_report.json``.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import shutil
@@ -38,12 +39,13 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     self.report = pairs.SkipReport()
 
   # -- to implement ---------------------------------------------------------
+  @abc.abstractmethod
   def _pair_specs(self, split: str) -> list:
-    raise NotImplementedError
+    """Everything needed to build each pair of ``split``, in pair order."""
 
+  @abc.abstractmethod
   def _processor(self, split: str):
     """A picklable callable spec -> record for ``split`` (runs in worker processes)."""
-    raise NotImplementedError
 
   # -- TFDS -----------------------------------------------------------------
   def _info(self) -> tfds.core.DatasetInfo:
