@@ -202,7 +202,11 @@ def run_module(module: str, spec: dict, timeout: float | None = None) -> dict:
   return json.loads(lines[-1])
 
 
-def machine_info() -> dict:
+MODEL_PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "transformers", "numpy")
+
+
+def machine_info(packages=MODEL_PACKAGES) -> dict:
+  """CPU, Python, load average and the versions of ``packages``."""
   from importlib.metadata import PackageNotFoundError, version
   cpu = "unknown"
   try:
@@ -213,7 +217,7 @@ def machine_info() -> dict:
   except OSError:
     pass
   versions = {}
-  for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "diffusers", "transformers", "numpy"):
+  for pkg in packages:
     try:
       versions[pkg] = version(pkg)
     except PackageNotFoundError:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -466,29 +465,9 @@ def check_views_agree(cfg: dict) -> dict:
 
 
 def machine_info() -> dict:
-  from importlib.metadata import PackageNotFoundError, version
-  cpu = "unknown"
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  versions = {}
-  for pkg in ("jax", "grain", "torch", "numpy", "opencv-python", "opencv-python-headless",
-              "pillow", "tensorflow-datasets", "array-record"):
-    try:
-      versions[pkg] = version(pkg)
-    except PackageNotFoundError:
-      pass
-  try:
-    load = os.getloadavg()
-  except OSError:
-    load = None
-  return {"nproc": os.cpu_count(), "sched_cpus": len(os.sched_getaffinity(0)), "cpu": cpu,
-          "python": platform.python_version(), "platform": platform.platform(),
-          "versions": versions, "loadavg_at_start": load}
+  from benchmarks.common import machine_info as info
+  return info(("jax", "grain", "torch", "numpy", "opencv-python", "opencv-python-headless",
+               "pillow", "tensorflow-datasets", "array-record"))
 
 
 def machine_line(m: dict) -> str:
