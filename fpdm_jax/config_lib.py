@@ -64,6 +64,9 @@ def apply_override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> No
     value = float(value)
   if isinstance(old, tuple) and isinstance(value, list):
     value = tuple(value)
+  if isinstance(old, ml_collections.ConfigDict) and isinstance(value, dict):
+    # A dict literal replaces a whole sub-config (e.g. scheduler_overrides).
+    value = ml_collections.ConfigDict(value)
   if old is not None and not isinstance(value, type(old)) and not (
       isinstance(old, (tuple, list)) and isinstance(value, (tuple, list))):
     raise ConfigError(f"config key {dotted!r} is a {type(old).__name__} "

@@ -183,6 +183,12 @@ def test_config_errors_name_the_key():
     assert ref.model.image_size == (512, 352) if variant == "stage2" else ref.train.batch_size == 48
   cfg = config_lib.apply_overrides(cfg, ["optim.lr=1", "train.batch_size=16"])
   assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.train.batch_size == 16
+  # A dict literal replaces a whole sub-config; a non-dict for one still fails.
+  cfg2 = config_lib.load_config("configs/synthetic.py:stage2_quick")
+  config_lib.apply_overrides(cfg2, ['diffusion.scheduler_overrides={"prediction_type": "sample"}'])
+  assert cfg2.diffusion.scheduler_overrides.to_dict() == {"prediction_type": "sample"}
+  with pytest.raises(config_lib.ConfigError, match="scheduler_overrides"):
+    config_lib.apply_overrides(cfg2, ["diffusion.scheduler_overrides=3"])
 
 
 def test_train_cli_reports_config_errors(capsys):
