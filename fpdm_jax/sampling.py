@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from fpdm_jax import schedulers
 
@@ -68,11 +69,17 @@ def sample(unet, cond: Conditions, keys: jax.Array, schedule: schedulers.Schedul
   """
   x = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
   state = schedulers.init_state(schedule, x)
+  # The UNet is rebuilt inside the loop body, with fresh Variables
+  # (copy=True), from its split state: NNX transforms in its blocks (nnx.remat
+  # under model.remat) refuse to update Variables created outside the trace
+  # they run in, which the loop body's trace is.
+  graphdef, weights = nnx.split(unet)
 
   def body(i, carry):
     x, state = carry
     t = schedule.timesteps[i]  # scalar: the UNet broadcasts it over every branch
-    eps = guided_prediction(unet, x, t, cond, guidance).astype(jnp.float32)
+    net = nnx.merge(graphdef, weights, copy=True)
+    eps = guided_prediction(net, x, t, cond, guidance).astype(jnp.float32)
     noise = None
     if schedule.stochastic:
       noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), shape))(keys)

@@ -4,6 +4,7 @@ Tiny configs with randomly perturbed weights (so norms and zero-initialised
 layers are not identity/zero), float32, max-abs difference < 1e-4.
 """
 import dataclasses
+import functools
 import json
 
 import jax
@@ -13,6 +14,7 @@ import pytest
 import torch
 from flax import nnx
 
+from fpdm_jax import sampling, schedulers
 from fpdm_jax.importers import hf_folder
 from fpdm_jax.importers.unet import export_unet, load_unet, torch_to_flax
 from fpdm_jax.models.conditioning import ClassEmbeddingMLP, PoseEmbedding
@@ -275,6 +277,23 @@ def test_remat_same_outputs_and_gradients(sd2_folder):
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
   assert np.abs(np.asarray(grad_a)).max() > 0
   np.testing.assert_allclose(np.asarray(grad_a), np.asarray(grad_b), atol=1e-6, rtol=1e-4)
+
+
+def test_remat_unet_samples_inside_the_jitted_loop(sd2_folder):
+  """nnx.remat in the blocks must also trace inside the sampler's fori_loop
+  (the reference stage-2 config trains with remat=True and samples the same
+  model), and change nothing in what it computes."""
+  _, folder = sd2_folder
+  x, _, ctx = _inputs(batch=2)
+  cond = sampling.Conditions(None, jnp.asarray(ctx.numpy()), None)
+  keys = sampling.sample_keys(0, jnp.arange(2))
+  schedule = schedulers.make_sampler_schedule("ddim", schedulers.SchedulerConfig(), 2)
+  run = nnx.jit(functools.partial(sampling.sample, schedule=schedule, shape=_nhwc(x).shape[1:],
+                                  guidance=1.0))
+  plain = np.asarray(run(load_unet(folder), cond, keys))
+  remat = np.asarray(run(load_unet(folder, remat=True), cond, keys))
+  assert np.isfinite(plain).all() and np.abs(plain).max() > 0
+  np.testing.assert_allclose(remat, plain, atol=1e-5, rtol=1e-5)
 
 
 def test_export_round_trip_through_diffusers(sd2_folder, tmp_path):
