@@ -24,6 +24,14 @@ Cases
                        Torch: transformers ``CLIPVisionModelWithProjection`` from the
                        folder ``export_clip_vision`` wrote from our weights, a torch
                        Combiner with our Combiner's weights, the same loss, AdamW.
+  stage2-<config>-b<B> what the feature cache saves (JAX only, no torch): the real
+                       stage-2 step (``DiffusionStage.loss_fn`` in latent space through
+                       ``make_train_step``) from uint8 images, running the frozen VAE
+                       encoder, source encoder (DINOv2) and stage-1 fusion model (CLIP +
+                       Combiner) in the step, against the same step from cached
+                       features (``data.cached_features``: posterior mean/logvar, tokens,
+                       fusion embedding, pose image). The UNet is the <config> case;
+                       the frozen networks are scaled down with it (STAGE2_FROZEN).
 
 Both optimisers: lr 1e-4, betas (0.9, 0.999), eps 1e-8, weight decay 1e-2, global
 grad-norm clip 1.0. Inputs are random arrays of the right shapes (NHWC for ours, NCHW
@@ -62,6 +70,15 @@ CLIP_CASE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                  num_attention_heads=4, patch_size=16, image_size=224, projection_dim=256)
 CLIP_QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=2, patch_size=16, image_size=64, projection_dim=64)
+# The stage2-* case's frozen networks, about as much smaller than the reference's
+# (SD 2.1's VAE encoder, DINOv2-L at 512, CLIP ViT-L/14 at 224) as the UNet cases
+# are than SD 2.1's UNet (~10x narrower, fewer layers). The target is 8x the
+# latent size; the source encoder sees it at the nearest multiple of 14 below.
+STAGE2_FROZEN = dict(
+    vae=dict(block_out_channels=(16, 32, 64, 64), layers_per_block=2, norm_num_groups=8),
+    dinov2=dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, patch_size=14),
+    clip=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+              num_attention_heads=4, patch_size=14, image_size=224))
 OPTIM = dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
              grad_clip=1.0, warmup_steps=0, schedule="constant")
 
@@ -76,11 +93,11 @@ def _optimizer():
   return common.make_optimizer(ml_collections.ConfigDict(OPTIM), num_steps=10 ** 6)
 
 
-def _compile(step_fn, state, batch):
+def _compile(step_fn, state, batch, frozen=None):
   import jax
   jitted = jax.jit(step_fn, donate_argnums=(0,))
   t0 = time.perf_counter()
-  lowered = jitted.lower(state, {}, batch)
+  lowered = jitted.lower(state, {} if frozen is None else frozen, batch)
   t1 = time.perf_counter()
   compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -88,11 +105,12 @@ def _compile(step_fn, state, batch):
                     "memory": bc.jax_memory(compiled), "flops": bc.jax_flops(compiled)}
 
 
-def _jax_runner(compiled, state, batch):
+def _jax_runner(compiled, state, batch, frozen=None):
   holder = {"state": state}
+  frozen = {} if frozen is None else frozen
 
   def run():
-    new_state, metrics = compiled(holder["state"], {}, batch)
+    new_state, metrics = compiled(holder["state"], frozen, batch)
     bc.block((new_state, metrics))
     holder["state"] = new_state
     return float(metrics["loss"])
@@ -315,6 +333,114 @@ def clip_case(spec: dict, workdir: Path, want=("jax", "torch")):
   return runners, info, b
 
 
+def stage2_case(spec: dict, workdir: Path, want=("images", "cached")):
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from fpdm_jax import config_lib, input_pipeline
+  from fpdm_jax.importers.vae import export_vae
+  from fpdm_jax.models.vae import AutoencoderKL, VAEConfig
+  from fpdm_jax.trainers import common, stage1, stage2
+
+  name, b = spec["config"], spec["batch"]
+  case = bc.UNET_CASES[name]
+  lh, lw = case["latent"]
+  size, src = (8 * lh, 8 * lw), 14 * (8 * lh // 14)
+  fz = STAGE2_FROZEN
+  s1 = config_lib.load_config("configs/synthetic.py:stage1")
+  clip = dict(fz["clip"], projection_dim=case["unet"]["class_embed_input_dim"])
+  s1 = config_lib.apply_overrides(s1, [f"model.clip_overrides={clip!r}"])
+  stage1.export_fusion_model(stage1.build_fusion_model(s1.model, seed=0), workdir / "fusion")
+  export_vae(AutoencoderKL(VAEConfig(**fz["vae"]), rngs=nnx.Rngs(0)), workdir / "vae")
+  unet = dict(case["unet"], sample_size=lh, use_linear_projection=True, upcast_attention=True)
+  cfg = config_lib.apply_overrides(config_lib.load_config("configs/synthetic.py:stage2"), [
+      f"fusion.path={workdir / 'fusion'}", "model.latent=True",
+      f"model.vae_path={workdir / 'vae'}", f"model.image_size={size!r}",
+      f"model.unet_overrides={unet!r}", "model.source_encoder.kind=dinov2",
+      "model.source_encoder.preset=tiny", f"model.source_encoder.image_size={src}",
+      f"model.source_encoder.overrides={dict(fz['dinov2'], image_size=src)!r}",
+      f"model.projection_hidden={case['unet']['cross_attention_dim']}"])
+  stage = stage2.DiffusionStage(cfg, None)
+  model_def = common.ModelDef(stage.trainable)
+  params = common.pure_params(stage.trainable)
+  frozen = stage.frozen_params()
+  info = {"params": common.count_params(params), "frozen_params": common.count_params(frozen),
+          "image_size": size, "source_size": src}
+  rng = np.random.default_rng(0)
+  views = input_pipeline.parse_views(stage.views)
+  images = {k: rng.integers(0, 256, (b, *v.size, 3), dtype=np.uint8) for k, v in views.items()}
+  nets = stage.frozen_def(frozen)
+  features = nnx.jit(lambda n, x: stage2.frozen_outputs(
+      n, input_pipeline.normalise(x, stage.views), encode_target=True))(nets, images)
+  cached = {**{k: np.asarray(v) for k, v in features.items()},
+            "target_pose": images["target_pose"]}
+  info["cached_record_bytes"] = int(sum(v[0].nbytes for v in cached.values()))
+  info["image_record_bytes"] = int(sum(v[0].nbytes for v in images.values()))
+  tx = _optimizer()
+
+  def loss_fn(p, f, batch, r):
+    return stage.loss_fn(model_def(p), f, batch, r)
+
+  step = common.make_train_step(loss_fn, tx)
+  runners = {}
+  for impl, batch, fro in (("images", images, frozen), ("cached", cached, None)):
+    if impl not in want:
+      continue
+    own = jax.tree.map(lambda x: jax.numpy.array(x, copy=True), params)  # the step donates it
+    state = common.init_state(own, tx, seed=0, ema=False)
+    batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    compiled, cinfo = _compile(step, state, batch, fro)
+    info[impl] = cinfo
+    runners[impl] = _jax_runner(compiled, state, batch, fro)
+  return runners, info, b
+
+
+IMPLS = {"unet": ("jax", "torch"), "clip": ("jax", "torch"), "stage2": ("images", "cached")}
+
+
+def reference_flops(spec: dict) -> dict:
+  """XLA's FLOP count of the stage-2 gradient step at a real config's size
+  (default the reference: SD 2.1, DINOv2-L at 512, CLIP ViT-L/14) from images
+  and from cached features. Built under ``nnx.eval_shape`` and lowered only
+  (``fpdm_jax.plan.abstract_stage``): nothing full-size is allocated, no time
+  is measured; the machine-independent share of a step the cache removes."""
+  import jax
+  import jax.numpy as jnp
+
+  from fpdm_jax import config_lib, input_pipeline, plan
+  from fpdm_jax.trainers import common, stage2
+
+  t0 = time.perf_counter()
+  cfg = config_lib.load_config(spec["config"])
+  stage = plan.abstract_stage(cfg, None)
+  model_def = common.ModelDef(stage.trainable)
+  params, frozen = common.pure_params(stage.trainable), stage.frozen_params()
+  b = spec["batch"]
+  views = input_pipeline.parse_views(stage.views)
+  images = {k: jax.ShapeDtypeStruct((b, *v.size, 3), jnp.uint8) for k, v in views.items()}
+
+  def frozen_fwd(f, x):
+    return stage2.frozen_outputs(stage.frozen_def(f), input_pipeline.normalise(x, stage.views),
+                                 encode_target=True)
+
+  feats = jax.eval_shape(frozen_fwd, frozen, images)
+  cached = dict(feats, target_pose=images["target_pose"])
+  grad = jax.value_and_grad(lambda p, f, x, r: stage.loss_fn(model_def(p), f, x, r),
+                            has_aux=True)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  flops = lambda lowered: float((lowered.cost_analysis() or {}).get("flops", 0.0))
+  out = {"config": spec["config"], "batch": b, "dtype": cfg.model.dtype,
+         "images_flops": flops(jax.jit(grad).lower(params, frozen, images, key)),
+         "cached_flops": flops(jax.jit(grad).lower(params, None, cached, key)),
+         "frozen_forward_flops": flops(jax.jit(frozen_fwd).lower(frozen, images)),
+         "cached_record_bytes": int(sum(v.size // b * jnp.dtype(v.dtype).itemsize
+                                        for v in cached.values())),
+         "fields": {k: [list(v.shape[1:]), jnp.dtype(v.dtype).name] for k, v in cached.items()}}
+  out["build_and_lower_s"] = time.perf_counter() - t0
+  return out
+
+
 # ----------------------------------------------------------------------------
 # One measurement (fresh process).
 
@@ -323,9 +449,11 @@ def run_one(spec: dict) -> dict:
   import torch
   if spec.get("torch_threads"):
     torch.set_num_threads(spec["torch_threads"])
-  mode = spec["mode"]  # "time", "mem-jax", "mem-torch"
-  want = ("jax", "torch") if mode == "time" else (mode.split("-")[1],)
-  build = unet_case if spec["kind"] == "unet" else clip_case
+  mode = spec["mode"]  # "time", "mem-<impl>": "mem-jax", "mem-torch", "mem-cached" ...
+  if mode == "flops":
+    return reference_flops(spec)
+  want = IMPLS[spec["kind"]] if mode == "time" else (mode.split("-")[1],)
+  build = {"unet": unet_case, "clip": clip_case, "stage2": stage2_case}[spec["kind"]]
   with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
     t0 = time.perf_counter()
     runners, info, b = build(spec, Path(tmp), want)
@@ -368,10 +496,11 @@ def run_one(spec: dict) -> dict:
 def case_specs(args) -> list[dict]:
   specs = []
   for case in args.cases:
-    if case.startswith("unet-"):
-      _, cfg, bpart = case.split("-")
+    if case.startswith(("unet-", "stage2-")):
+      kind, cfg, bpart = case.split("-")
       b = int(bpart[1:])
-      specs.append(dict(kind="unet", config=cfg, batch=b, check=b == 1, name=case))
+      specs.append(dict(kind=kind, config=cfg, batch=b, check=b == 1 and kind == "unet",
+                        name=case))
     else:
       b = int(case.split("-")[1][1:])
       specs.append(dict(kind="clip", batch=b, check=True, name=case,
@@ -387,6 +516,8 @@ def table(rows: list[dict]) -> str:
          "torch peak RSS Δ MiB |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
+    if r["spec"]["kind"] == "stage2":
+      continue
     tj, tt = r["timing"]["jax"]["median_s"], r["timing"]["torch"]["median_s"]
     n = r["spec"]["batch"]
     unit = "pairs" if r["spec"]["kind"] == "clip" else "images"
@@ -399,6 +530,28 @@ def table(rows: list[dict]) -> str:
   return "\n".join(out)
 
 
+def cache_table(rows: list[dict]) -> str:
+  """What training from cached features saves per stage-2 step."""
+  out = ["| case | from images ms (median) | from cache ms (median) | saved ms/step | "
+         "cache / images time | images /s: from images | from cache | XLA GFLOP/step: "
+         "from images | from cache | compiled MiB: from images | from cache | "
+         "peak RSS Δ MiB: from images | from cache |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    if r["spec"]["kind"] != "stage2":
+      continue
+    ti, tc = r["timing"]["images"]["median_s"], r["timing"]["cached"]["median_s"]
+    n, i = r["spec"]["batch"], r["info"]
+    gf = lambda k: f"{(i[k].get('flops') or 0) / 1e9:.1f}"
+    mem = lambda k: bc.mib(i[k].get("memory", {}).get("total_bytes"))
+    out.append(
+        f"| {r['spec']['name']} | {ti * 1e3:.1f} | {tc * 1e3:.1f} | {(ti - tc) * 1e3:.1f} | "
+        f"{tc / ti:.2f} | {n / ti:.2f} | {n / tc:.2f} | {gf('images')} | {gf('cached')} | "
+        f"{mem('images')} | {mem('cached')} | {bc.mib(r.get('mem', {}).get('images'))} | "
+        f"{bc.mib(r.get('mem', {}).get('cached'))} |")
+  return "\n".join(out)
+
+
 def make_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -407,8 +560,9 @@ def make_parser() -> argparse.ArgumentParser:
                       "no memory processes (explicit flags still win)")
   p.add_argument("--json", metavar="OUT.json", help="also write all results and the machine here")
   p.add_argument("--cases", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
-                 help="comma-separated: unet-{small,medium}-b<B>, clip-b<B> (default "
-                      "unet-small-b1,unet-small-b8,unet-medium-b1,unet-medium-b8,clip-b8)")
+                 help="comma-separated: unet-{small,medium}-b<B>, clip-b<B>, "
+                      "stage2-{tiny,small,medium}-b<B> (default unet-small-b1,unet-small-b8,"
+                      "unet-medium-b1,unet-medium-b8,clip-b8,stage2-small-b8)")
   p.add_argument("--repeats", type=int, help="timed steps per implementation (default 5; quick 2)")
   p.add_argument("--warmup", type=int, help="untimed steps per implementation, the first "
                  "reported separately (default 1; quick 1)")
@@ -416,6 +570,10 @@ def make_parser() -> argparse.ArgumentParser:
                  help="run the per-implementation peak-RSS processes (default on; quick off)")
   p.add_argument("--torch-threads", type=int, default=0,
                  help="torch.set_num_threads; 0 keeps torch's default (= cores)")
+  p.add_argument("--reference-flops", nargs="?", const="configs/fpdm_deepfashion.py:stage2",
+                 metavar="CONFIG", help="also count the stage-2 step's FLOPs from images and "
+                 "from cached features at a real config's size (default the reference, "
+                 "%(const)s; abstract: nothing allocated, ~2 min)")
   p.add_argument("--run-one", help=argparse.SUPPRESS)
   return p
 
@@ -428,7 +586,7 @@ def main(argv=None) -> int:
     return 0
   quick = dict(cases=["unet-tiny-b1", "clip-b2"], repeats=2, warmup=1, memory=False)
   full = dict(cases=["unet-small-b1", "unet-small-b8", "unet-medium-b1", "unet-medium-b8",
-                     "clip-b8"], repeats=5, warmup=1, memory=True)
+                     "clip-b8", "stage2-small-b8"], repeats=5, warmup=1, memory=True)
   for k, v in (quick if args.quick else full).items():
     if getattr(args, k) is None:
       setattr(args, k, v)
@@ -441,14 +599,15 @@ def main(argv=None) -> int:
     print(f"[run] {spec['name']}", file=sys.stderr, flush=True)
     r = bc.run_module(MODULE, dict(spec, mode="time"))
     r["mem"] = {}
+    impls = IMPLS[spec["kind"]]
     if args.memory:
-      for impl in ("jax", "torch"):
+      for impl in impls:
         m = bc.run_module(MODULE, dict(spec, mode=f"mem-{impl}"))
         r["mem"][impl] = m["peak_rss_delta"]
         r.setdefault("mem_detail", {})[impl] = m
-    tj, tt = r["timing"]["jax"]["median_s"], r["timing"]["torch"]["median_s"]
-    print(f"[run]   jax {tj * 1e3:.1f} ms, torch {tt * 1e3:.1f} ms, ratio {tt / tj:.2f}x",
-          file=sys.stderr, flush=True)
+    ta, tb = (r["timing"][k]["median_s"] for k in impls)
+    print(f"[run]   {impls[0]} {ta * 1e3:.1f} ms, {impls[1]} {tb * 1e3:.1f} ms, ratio "
+          f"{tb / ta:.2f}x", file=sys.stderr, flush=True)
     rows.append(r)
     if args.json:  # after every case, so an interrupted run keeps what it measured
       bc.write_json(args.json + ".partial", {"machine": machine, "results": rows})
@@ -462,14 +621,52 @@ def main(argv=None) -> int:
           f"{c['num_attention_heads']} heads, MLP {c['intermediate_size']}, patch "
           f"{c['patch_size']}, {c['image_size']}px, projection {c['projection_dim']}; one encoder "
           "call on 3B images; rate = pairs/s (x3 for encoder images/s)")
-  print(f"Timing: median of {args.repeats} steps after {args.warmup} warm-up, JAX and torch "
+  print(f"Timing: median of {args.repeats} steps after {args.warmup} warm-up, the two "
+        "implementations of a case (JAX and torch; stage2-*: from images and from cache) "
         f"interleaved in one process per case; torch threads "
         f"{rows[0]['torch_threads'] if rows else '?'}")
-  print()
-  print(table(rows))
+  if any(r["spec"]["kind"] != "stage2" for r in rows):
+    print()
+    print(table(rows))
+  if any(r["spec"]["kind"] == "stage2" for r in rows):
+    f = STAGE2_FROZEN
+    print()
+    print("Stage-2 step from images (frozen VAE encoder, DINOv2, stage-1 CLIP run in the step) "
+          f"vs from cached features; frozen: VAE encoder {f['vae']['block_out_channels']}, "
+          f"DINOv2 hidden {f['dinov2']['hidden_size']} x {f['dinov2']['num_hidden_layers']} "
+          f"layers, CLIP hidden {f['clip']['hidden_size']} x {f['clip']['num_hidden_layers']} "
+          "layers at 224 (on source and pose)")
+    print()
+    print(cache_table(rows))
+  ref = None
+  if args.reference_flops:
+    print(f"[run] reference FLOPs of {args.reference_flops}", file=sys.stderr, flush=True)
+    ref = bc.run_module(MODULE, dict(mode="flops", config=args.reference_flops, batch=1))
+    print()
+    print(f"Stage-2 gradient step at the size of {ref['config']} (batch 1, {ref['dtype']}; "
+          "XLA's count on the lowered step, optimiser update excluded):")
+    print()
+    print("| step | TFLOP per image | share |")
+    print("|---|---:|---:|")
+    fi, fc, ff = ref["images_flops"], ref["cached_flops"], ref["frozen_forward_flops"]
+    print(f"| from images | {fi / 1e12:.2f} | 100 % |")
+    print(f"| from cached features | {fc / 1e12:.2f} | {100 * fc / fi:.0f} % |")
+    print(f"| (frozen networks' forward alone) | {ff / 1e12:.2f} | {100 * ff / fi:.0f} % |")
+    print()
+    print(f"Cache record at this size: {ref['cached_record_bytes'] / 2 ** 20:.2f} MiB ("
+          + ", ".join(f"{k} {'x'.join(map(str, s)) or 'scalar'} {d}"
+                      for k, (s, d) in ref["fields"].items()) + ")")
   print()
   for r in rows:
     i = r["info"]
+    if r["spec"]["kind"] == "stage2":
+      print(f"{r['spec']['name']}: trainable params {i['params']:,}, frozen "
+            f"{i['frozen_params']:,}; "
+            f"target {i['image_size'][0]}x{i['image_size'][1]}, source {i['source_size']}px; "
+            f"record: cached {i['cached_record_bytes'] / 1024:.0f} KiB vs uint8 views "
+            f"{i['image_record_bytes'] / 1024:.0f} KiB; compile s: images "
+            f"{i['images']['compile_s']:.1f}, cached {i['cached']['compile_s']:.1f}")
+      continue
     extra = []
     if "forward_max_abs_diff" in i:
       extra.append(f"forward max|JAX-torch| {i['forward_max_abs_diff']:.2e} "
@@ -483,6 +680,7 @@ def main(argv=None) -> int:
   bc.write_json(args.json, {
       "command": f"python -m {MODULE} " + " ".join(sys.argv[1:] if argv is None else argv),
       "machine": machine, "settings": {k: v for k, v in vars(args).items() if k != "run_one"},
+      "reference_flops": ref,
       "unet_cases": {k: bc.describe_case(k) for k in bc.UNET_CASES}, "results": rows,
       "total_s": time.perf_counter() - t_start})
   return 0

@@ -9,7 +9,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       data_dir="", name="", train_split="train", eval_split="test",
-      worker_count=0, flip_prob=0.0, pose_canvas_scale=1.0))
+      worker_count=0, flip_prob=0.0, pose_canvas_scale=1.0,
+      # Stage 2: train from a feature cache (python -m data_prep.cache_features)
+      # instead of running the frozen networks every step; "" = off.
+      cached_features=""))
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-4, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,

@@ -301,6 +301,28 @@ def make_loader(cfg: LoaderConfig, *, process_index: int | None = None,
   """A Grain DataLoader yielding this process's part of each global batch
   (``ProcessBlockSampler``: the global batches do not depend on the number of
   processes)."""
+  source = source if source is not None else open_source(cfg.data_dir, cfg.name, cfg.split)
+  views = parse_views(cfg.views)
+  needed = {v.key for v in views.values()}
+  if cfg.flip_prob > 0:  # the flip redraws both sides' pose images
+    needed |= {"source_image", "target_image", "source_pose_image", "target_pose_image"}
+  ops: list = [DecodeRecord(tuple(k for k in IMAGE_KEYS if k in needed))]
+  if cfg.flip_prob > 0:
+    ops.append(FlipPair(cfg.flip_prob, cfg.pose_canvas_scale))
+  ops.append(MakeViews(views))
+  return batch_loader(source, ops, cfg, process_index=process_index,
+                      process_count=process_count)
+
+
+def batch_loader(source, ops: Sequence, cfg: LoaderConfig, *, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.DataLoader:
+  """``ops`` over ``source`` record by record, then this process's batches.
+
+  The part of the loader that decides which records a batch holds (the
+  sampler) and that checkpoints (the iterator state); shared by the image
+  loader and the feature-cache loader (``feature_cache.make_loader``), so
+  both shuffle, split over processes and resume identically.
+  """
   import jax
   from absl import flags
   if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
@@ -310,20 +332,11 @@ def make_loader(cfg: LoaderConfig, *, process_index: int | None = None,
   if cfg.batch_size % process_count:
     raise ValueError(f"global batch {cfg.batch_size} is not divisible by "
                      f"{process_count} processes")
-  source = source if source is not None else open_source(cfg.data_dir, cfg.name, cfg.split)
   sampler = ProcessBlockSampler(len(source), cfg.batch_size, process_index, process_count,
                                 shuffle=cfg.shuffle, seed=cfg.seed, num_epochs=cfg.num_epochs,
                                 drop_remainder=cfg.drop_remainder)
-  views = parse_views(cfg.views)
-  needed = {v.key for v in views.values()}
-  if cfg.flip_prob > 0:  # the flip redraws both sides' pose images
-    needed |= {"source_image", "target_image", "source_pose_image", "target_pose_image"}
-  ops: list = [DecodeRecord(tuple(k for k in IMAGE_KEYS if k in needed))]
-  if cfg.flip_prob > 0:
-    ops.append(FlipPair(cfg.flip_prob, cfg.pose_canvas_scale))
-  ops.append(MakeViews(views))
-  ops.append(grain.transforms.Batch(cfg.batch_size // process_count,
-                                    drop_remainder=cfg.drop_remainder))
+  ops = list(ops) + [grain.transforms.Batch(cfg.batch_size // process_count,
+                                            drop_remainder=cfg.drop_remainder)]
   return grain.DataLoader(
       data_source=source, sampler=sampler, operations=ops,
       worker_count=cfg.worker_count, worker_buffer_size=cfg.worker_buffer_size,

@@ -68,13 +68,14 @@ def main(argv=None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  from fpdm_jax import feature_cache
   from fpdm_jax.trainers import common, loop
   try:
     summary = loop.train_and_evaluate(config, args.workdir)
   except common.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     return 3
-  except FileNotFoundError as e:
+  except (FileNotFoundError, feature_cache.CacheMismatch) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   logging.info("Done: %s", summary)

@@ -197,3 +197,14 @@ def test_ema_warms_up_instead_of_averaging_in_the_initialisation():
   state, _ = step(state, {}, {"x": jnp.ones(())})
   # Step 0: decay min(0.999, 1/10) = 0.1, so the EMA is 90% the new weights (-1).
   np.testing.assert_allclose(state["ema"]["w"], -0.9, rtol=1e-6)
+
+
+def test_noise_offset_in_folded_pixel_space_is_one_shift_per_colour():
+  key = jax.random.PRNGKey(0)
+  off = stage2.offset_noise(key, 2, 48, fold=4)
+  image = stage2.depth_to_space(jnp.broadcast_to(off, (2, 3, 5, 48)), 4)  # [2, 12, 20, 3]
+  # Unfolded, the offset is a flat brightness shift per image and colour ...
+  np.testing.assert_array_equal(image, jnp.broadcast_to(image[:, :1, :1], image.shape))
+  # ... drawn independently per colour and image, like the latent-space one.
+  assert len(np.unique(np.asarray(image[:, 0, 0]))) == 6
+  assert stage2.offset_noise(key, 2, 4).shape == (2, 1, 1, 4)

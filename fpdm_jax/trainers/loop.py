@@ -44,7 +44,24 @@ def make_loader(config, views, split: str, *, train: bool):
       shuffle=train, seed=config.seed, num_epochs=None if train else 1,
       flip_prob=d.flip_prob if train else 0.0, pose_canvas_scale=d.pose_canvas_scale,
       worker_count=d.worker_count, drop_remainder=train)
+  if train and d.get("cached_features"):
+    from fpdm_jax import feature_cache
+    return feature_cache.make_loader(d.cached_features, cfg)
   return input_pipeline.make_loader(cfg)
+
+
+def check_cached_features(config: ml_collections.ConfigDict) -> None:
+  """Before anything is loaded: a feature cache must suit the config."""
+  if not config.data.get("cached_features"):
+    return
+  from fpdm_jax import feature_cache
+  if config.stage != "stage2":
+    raise feature_cache.CacheMismatch(
+        f"data.cached_features is for stage 2 (the config's stage is {config.stage})")
+  info = feature_cache.check_config(config)
+  logging.info("Training from the feature cache %s (%d records of %s/%s): the frozen "
+               "networks do not run in the train step", config.data.cached_features,
+               info["num_records"], info["dataset"]["name"], info["dataset"]["split"])
 
 
 def metric_collection(names):
@@ -66,9 +83,12 @@ class Setup:
   abstract: Any          # abstract train state with shardings (for restoring)
 
 
-def build_setup(config: ml_collections.ConfigDict, mesh) -> Setup:
+def build_setup(config: ml_collections.ConfigDict, mesh, stage=None) -> Setup:
+  """``stage``: one already built. Built abstractly (``fpdm_jax.plan``), its
+  frozen parameters stay abstract (with their shardings) instead of being put
+  on the devices."""
   tc = config.train
-  stage = _stage_class(config.stage)(config, mesh)
+  stage = stage if stage is not None else _stage_class(config.stage)(config, mesh)
   module = stage.trainable
   model_def = common.ModelDef(module)
   params = common.pure_params(module)
@@ -85,11 +105,27 @@ def build_setup(config: ml_collections.ConfigDict, mesh) -> Setup:
               "nonfinite_in_a_row": repl, "nonfinite_total": repl}
   frozen = stage.frozen_params()
   frozen_sh = common.tree_shardings(frozen, mesh, rules, config.sharding.min_fsdp_size)
-  frozen = jax.device_put(frozen, frozen_sh)
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen)):
+    frozen = common.abstract_with_shardings(frozen, frozen_sh)
+  else:
+    frozen = jax.device_put(frozen, frozen_sh)
   init = jax.jit(lambda p: common.init_state(p, tx, seed=config.seed, ema=use_ema),
                  out_shardings=state_sh)
   abstract = common.abstract_with_shardings(jax.eval_shape(init, params), state_sh)
   return Setup(stage, model_def, tx, params, state_sh, frozen, frozen_sh, init, abstract)
+
+
+def jit_train_step(config: ml_collections.ConfigDict, setup: Setup, mesh, batch_sh):
+  """The train step as the loop runs it (``fpdm_jax.plan`` compiles this same
+  function for its memory plans)."""
+  tc = config.train
+  stage, model_def = setup.stage, setup.model_def
+  step_fn = common.make_train_step(
+      lambda p, f, b, r: stage.loss_fn(model_def(p), f, b, r), setup.tx,
+      grad_accum=tc.grad_accum, ema_decay=tc.ema_decay)
+  return jax.jit(step_fn, in_shardings=(setup.state_sh, setup.frozen_sh, batch_sh),
+                 out_shardings=(setup.state_sh, sharding.replicated(mesh)),
+                 donate_argnums=(0,))
 
 
 def restore_trained(config: ml_collections.ConfigDict, workdir: str | Path, mesh,
@@ -127,10 +163,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
   logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape),
                jax.device_count(), jax.process_count())
+  check_cached_features(config)
   setup = build_setup(config, mesh)
-  stage, model_def, tx = setup.stage, setup.model_def, setup.tx
-  state_sh, frozen, frozen_sh = setup.state_sh, setup.frozen, setup.frozen_sh
-  repl = sharding.replicated(mesh)
+  stage, model_def, frozen = setup.stage, setup.model_def, setup.frozen
 
   train_loader = make_loader(config, stage.views, config.data.train_split, train=True)
   train_iter = iter(train_loader)
@@ -146,10 +181,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     state = setup.init(setup.params)
   setup.params = None  # the state holds them now
 
-  step_fn = common.make_train_step(
-      lambda p, f, b, r: stage.loss_fn(model_def(p), f, b, r), tx,
-      grad_accum=tc.grad_accum, ema_decay=tc.ema_decay)
-  batch_sh = None
   train_step = None
 
   is_main = jax.process_index() == 0
@@ -171,9 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     local = next(train_iter)
     batch = sharding.global_batch(local, mesh)
     if train_step is None:
-      batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-      train_step = jax.jit(step_fn, in_shardings=(state_sh, frozen_sh, batch_sh),
-                           out_shardings=(state_sh, repl), donate_argnums=(0,))
+      train_step = jit_train_step(config, setup, mesh,
+                                  jax.tree.map(lambda x: x.sharding, batch))
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       state, metrics = train_step(state, frozen, batch)
     nonfinite_row = metrics.pop("nonfinite_in_a_row")  # not donated, unlike the state

@@ -88,9 +88,12 @@ def fusion_views(size: int) -> dict:
 class FusionStage:
   """What the shared loop needs to train stage 1."""
 
-  def __init__(self, config, mesh):
+  def __init__(self, config, mesh, model: FusionModel | None = None):
+    """``model``: the network to train, when already built (``fpdm_jax.plan``
+    passes an abstract one)."""
     self.config, self.mesh = config, mesh
-    self.trainable = build_fusion_model(config.model, seed=config.seed)
+    self.trainable = model if model is not None else build_fusion_model(config.model,
+                                                                         seed=config.seed)
     self.views = fusion_views(self.trainable.config.clip.image_size)
     self._eval_fn = None
 

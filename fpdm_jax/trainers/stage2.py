@@ -10,6 +10,11 @@ pose), the source tokens and the pose features; drop each condition per
 sample with probability ``diffusion.cond_drop_prob`` (zeroing the branch
 output, as the sampler's unconditional branches do); add offset noise; and
 regress the scheduler's ``prediction_type`` target.
+
+With ``data.cached_features`` the frozen networks' outputs come from a cache
+written once by ``python -m data_prep.cache_features`` (``feature_cache``)
+and the step runs only the trainable networks; evaluation and sampling still
+run the frozen ones on images.
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fpdm_jax import input_pipeline, losses, sampling, schedulers, sharding, visualize
+from fpdm_jax import (feature_cache, input_pipeline, losses, sampling, schedulers, sharding,
+                      visualize)
 from fpdm_jax.importers import dinov2 as dinov2_importer
 from fpdm_jax.importers import hf_folder
 from fpdm_jax.importers import unet as unet_importer
@@ -32,6 +38,7 @@ from fpdm_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
 from fpdm_jax.models.dinov2 import Dinov2Config, Dinov2Model
 from fpdm_jax.models.fusion import SourceProjection
 from fpdm_jax.models.unet import SD21_UNET_CONFIG, UNet2DConditionModel, UNetConfig
+from fpdm_jax.models.vae import DiagonalGaussian
 from fpdm_jax.trainers import common
 from fpdm_jax.trainers.stage1 import load_fusion_model
 
@@ -71,6 +78,20 @@ def depth_to_space(x: jax.Array, f: int) -> jax.Array:
   b, h, w, c = x.shape
   x = x.reshape(b, h, w, f, f, c // (f * f)).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, h * f, w * f, c // (f * f))
+
+
+def offset_noise(key, batch_size: int, channels: int, fold: int = 1) -> jax.Array:
+  """[B, 1, 1, C]: one normal draw per image and colour (the noise offset).
+
+  In pixel space folded ``fold`` x ``fold`` into channels, the fold^2
+  channels of one colour share a draw: an offset per folded channel would be
+  a fixed fold x fold pattern in the image, which the model learns to paint,
+  not the brightness shift the offset is for.
+  """
+  if fold == 1:
+    return jax.random.normal(key, (batch_size, 1, 1, channels))
+  per_colour = jax.random.normal(key, (batch_size, 1, 1, channels // (fold * fold)))
+  return jnp.tile(per_colour, (1, 1, 1, fold * fold))  # space_to_depth: colour fastest
 
 
 # ----------------------------------------------------------------------------
@@ -133,27 +154,21 @@ def unet_config(model_cfg, fusion_dim: int) -> UNetConfig:
   return dataclasses.replace(base, **kw)
 
 
-def build(config):
-  """(Trainable, Frozen, views) for a stage-2 config."""
+def build_frozen(config, *, fusion=None, vae=None):
+  """(Frozen, views, source token dim): the frozen networks and the views they
+  (and the trainable pose embedding) read. The feature-cache writer needs
+  only these, not the UNet."""
   m = config.model
   dt = common.dtype(m.dtype)
-  if not config.fusion.path:
-    raise FileNotFoundError("fusion.path is empty: set it to the stage-1 export, e.g. "
-                            "--config.fusion.path=runs/stage1/fusion_model")
-  fusion = load_fusion_model(config.fusion.path, dtype=dt)
-  fusion_dim = fusion.config.clip.projection_dim
+  if fusion is None:
+    if not config.fusion.path:
+      raise FileNotFoundError("fusion.path is empty: set it to the stage-1 export, e.g. "
+                              "--config.fusion.path=runs/stage1/fusion_model")
+    fusion = load_fusion_model(config.fusion.path, dtype=dt)
   encoder, token_dim, source_view = build_source_encoder(m.source_encoder, fusion, dt, config.seed)
-  ucfg = unet_config(m, fusion_dim)
-  if m.unet_path:
-    unet = unet_importer.load_unet(m.unet_path, fpdm=True, dtype=dt, remat=m.remat,
-                                   seed=config.seed, class_embed_input_dim=fusion_dim)
-  else:
-    unet = UNet2DConditionModel(ucfg, dtype=dt, remat=m.remat, rngs=nnx.Rngs(config.seed))
-  projection = SourceProjection(token_dim, unet.config.cross_attention_dim,
-                                hidden=m.projection_hidden, dropout=m.projection_dropout,
-                                dtype=dt, rngs=nnx.Rngs(config.seed + 1))
-  vae = None
-  if m.latent:
+  if not m.latent:
+    vae = None
+  elif vae is None:
     if not m.vae_path:
       raise FileNotFoundError("model.latent=True needs model.vae_path (an SD pipeline "
                               "folder or its vae/), or set model.latent=False")
@@ -166,7 +181,47 @@ def build(config):
            "pose_clip": ("target_pose_image", clip_size, "clip")}
   if encoder is not None:
     views["source_enc"] = source_view
-  return Trainable(unet, projection), Frozen(fusion, encoder, vae), views
+  return Frozen(fusion, encoder, vae), views, token_dim
+
+
+def build(config, *, fusion=None, vae=None):
+  """(Trainable, Frozen, views) for a stage-2 config.
+
+  ``fusion`` / ``vae``: networks to use instead of loading ``fusion.path`` /
+  ``model.vae_path`` (``fpdm_jax.plan`` passes ones built under
+  ``nnx.eval_shape``, so planning needs no weights).
+  """
+  m = config.model
+  dt = common.dtype(m.dtype)
+  frozen, views, token_dim = build_frozen(config, fusion=fusion, vae=vae)
+  fusion_dim = frozen.fusion.config.clip.projection_dim
+  ucfg = unet_config(m, fusion_dim)
+  if m.unet_path:
+    unet = unet_importer.load_unet(m.unet_path, fpdm=True, dtype=dt, remat=m.remat,
+                                   seed=config.seed, class_embed_input_dim=fusion_dim)
+  else:
+    unet = UNet2DConditionModel(ucfg, dtype=dt, remat=m.remat, rngs=nnx.Rngs(config.seed))
+  projection = SourceProjection(token_dim, unet.config.cross_attention_dim,
+                                hidden=m.projection_hidden, dropout=m.projection_dropout,
+                                dtype=dt, rngs=nnx.Rngs(config.seed + 1))
+  return Trainable(unet, projection), frozen, views
+
+
+def frozen_outputs(nets: Frozen, batch, *, encode_target: bool) -> dict:
+  """What the frozen networks make of a normalised batch: the source tokens,
+  the fusion embedding f(source, target pose) and (``encode_target``, latent
+  space) the target's VAE posterior. Exactly what the feature cache stores,
+  so a cached run and an image run feed the same numbers to the same code.
+  """
+  out = {"fusion": nets.fusion(batch["source_clip"], batch["pose_clip"])}
+  if nets.source_encoder is None:
+    out["tokens"] = nets.fusion.encoder(batch["source_clip"]).last_hidden_state
+  else:
+    out["tokens"] = nets.source_encoder(batch["source_enc"]).last_hidden_state
+  if encode_target and nets.vae is not None:
+    posterior = nets.vae.encode(batch["target"])
+    out["latent_mean"], out["latent_logvar"] = posterior.mean, posterior.logvar
+  return jax.lax.stop_gradient(out)
 
 
 # ----------------------------------------------------------------------------
@@ -175,9 +230,10 @@ def build(config):
 class DiffusionStage:
   """What the shared loop needs to train stage 2."""
 
-  def __init__(self, config, mesh):
+  def __init__(self, config, mesh, networks=None):
+    """``networks``: ``build``'s (trainable, frozen, views), when already built."""
     self.config, self.mesh = config, mesh
-    self.trainable, frozen, self.views = build(config)
+    self.trainable, frozen, self.views = networks if networks is not None else build(config)
     self.frozen_def = common.ModelDef(frozen)
     self._frozen = common.pure_params(frozen)
     self.sched_cfg = scheduler_config(config.diffusion)
@@ -193,6 +249,7 @@ class DiffusionStage:
         raise ValueError(f"model.image_size {h}x{w} is not divisible by "
                          f"model.pixel_unshuffle={f}")
       self.shape = (h // f, w // f, 3 * f * f)
+    self.scaling_factor = frozen.vae.scaling_factor if self.latent else None
     self._sample_fn = None
     self._image_batch = None
 
@@ -201,22 +258,18 @@ class DiffusionStage:
 
   def conditions(self, model: Trainable, nets: Frozen, batch, *, deterministic: bool,
                  rng=None) -> sampling.Conditions:
+    out = frozen_outputs(nets, batch, encode_target=False)
+    return self.trainable_conditions(model, out["tokens"], out["fusion"], batch["target_pose"],
+                                     deterministic=deterministic, rng=rng)
+
+  def trainable_conditions(self, model: Trainable, tokens, f, pose_image, *,
+                           deterministic: bool, rng=None) -> sampling.Conditions:
+    """The trainable branches on the frozen networks' outputs (and the pose image)."""
     k1, k2 = (None, None) if rng is None else jax.random.split(rng)
-    f = jax.lax.stop_gradient(nets.fusion(batch["source_clip"], batch["pose_clip"]))
-    if nets.source_encoder is None:
-      tokens = nets.fusion.encoder(batch["source_clip"]).last_hidden_state
-    else:
-      tokens = nets.source_encoder(batch["source_enc"]).last_hidden_state
-    tokens = jax.lax.stop_gradient(tokens)
     context = model.source_projection(tokens, deterministic=deterministic, rngs=k1)
-    pose, fusion = model.unet.embed_conditions(batch["target_pose"], f,
+    pose, fusion = model.unet.embed_conditions(pose_image, f,
                                                deterministic=deterministic, rngs=k2)
     return sampling.Conditions(pose, context, fusion)
-
-  def encode_target(self, nets: Frozen, target, rng):
-    if not self.latent:
-      return space_to_depth(target, self.config.model.pixel_unshuffle)
-    return jax.lax.stop_gradient(nets.vae.encode_to_latents(target, rng))
 
   def decode(self, nets: Frozen):
     if self.latent:
@@ -224,13 +277,38 @@ class DiffusionStage:
     return lambda x: depth_to_space(x, self.config.model.pixel_unshuffle)
 
   def loss_fn(self, model: Trainable, frozen, batch, rng):
+    """The loss of an image batch, or of a feature-cache batch (training with
+    ``data.cached_features``), which carries what the frozen networks would
+    compute, so they do not run. Both continue in ``loss_from_features``
+    with the same keys: the same RNG gives the same loss."""
+    k_lat = jax.random.split(rng, 6)[0]
+    if feature_cache.is_cached_batch(batch):
+      batch = input_pipeline.normalise(batch, {k: v for k, v in self.views.items() if k in batch})
+      features = batch
+    else:
+      batch = input_pipeline.normalise(batch, self.views)
+      features = frozen_outputs(self.frozen_def(frozen), batch, encode_target=True)
+    x0 = self.target_x0(features, batch, k_lat)
+    return self.loss_from_features(model, x0, features["tokens"], features["fusion"],
+                                   batch["target_pose"], rng)
+
+  def target_x0(self, features, batch, rng) -> jax.Array:
+    """The clean sample to diffuse: a draw from the target's VAE posterior,
+    scaled (``AutoencoderKL.encode_to_latents``), or the folded pixels."""
+    if not self.latent:
+      return space_to_depth(batch["target"], self.config.model.pixel_unshuffle)
+    posterior = DiagonalGaussian(features["latent_mean"], features["latent_logvar"])
+    return posterior.sample(rng) * self.scaling_factor
+
+  def loss_from_features(self, model: Trainable, x0, tokens, f, pose_image, rng):
+    """The loss from x0, the source tokens, the fusion embedding and the
+    normalised target pose image; ``rng`` is the step's key, as ``loss_fn``'s."""
     d = self.config.diffusion
-    nets = self.frozen_def(frozen)
-    batch = input_pipeline.normalise(batch, self.views)
-    k_lat, k_cond, k_drop, k_noise, k_off, k_t = jax.random.split(rng, 6)
-    x0 = self.encode_target(nets, batch["target"], k_lat).astype(jnp.float32)
+    _, k_cond, k_drop, k_noise, k_off, k_t = jax.random.split(rng, 6)
+    x0 = x0.astype(jnp.float32)
     b = x0.shape[0]
-    cond = self.conditions(model, nets, batch, deterministic=False, rng=k_cond)
+    cond = self.trainable_conditions(model, tokens, f, pose_image, deterministic=False,
+                                     rng=k_cond)
     # Classifier-free guidance: drop each condition independently.
     n_draws = b if d.cond_drop_per_sample else 1
     keep = jax.random.bernoulli(k_drop, 1.0 - d.cond_drop_prob, (3, n_draws))
@@ -240,7 +318,8 @@ class DiffusionStage:
                                cond.fusion * keep[2][:, None])
     noise = jax.random.normal(k_noise, x0.shape)
     if d.noise_offset:
-      noise = noise + d.noise_offset * jax.random.normal(k_off, (b, 1, 1, x0.shape[-1]))
+      fold = 1 if self.latent else self.config.model.pixel_unshuffle
+      noise = noise + d.noise_offset * offset_noise(k_off, b, x0.shape[-1], fold)
     t = jax.random.randint(k_t, (b,), 0, self.sched_cfg.num_train_timesteps)
     xt = schedulers.add_noise(self.table, x0, noise, t)
     pred = model.unet(xt, t, cond.context, pose_features=cond.pose, class_embedding=cond.fusion)
@@ -289,7 +368,11 @@ class DiffusionStage:
     return {"loss": float(np.mean(values))} if values else {}
 
   def report_images(self, state, frozen, model_def, step) -> dict:
-    """A grid of (source | target pose | generated | ground truth) on test pairs."""
+    """A grid of (source | target pose | generated | ground truth) on test pairs.
+
+    Every process loads its share of the pairs; the images are gathered whole
+    on every process (only process 0's writer writes them).
+    """
     from fpdm_jax.trainers.loop import make_loader
     n = self.config.sample.num_images
     if self._image_batch is None:
@@ -299,21 +382,20 @@ class DiffusionStage:
       with cfg.unlocked():
         cfg.eval.batch_size = n
       local = next(iter(make_loader(cfg, views, cfg.data.eval_split, train=False)))
-      self._image_batch = local
-    local = self._image_batch
-    batch = sharding.global_batch({k: local[k] for k in list(self.views) + ["pair_index"]},
-                                  self.mesh)
+      batch = sharding.global_batch(local, self.mesh)
+      shown = sharding.to_host({k: batch[k] for k in ("source", "target_pose", "target")})
+      self._image_batch = ({k: batch[k] for k in list(self.views) + ["pair_index"]}, shown)
+    batch, shown = self._image_batch
     keys = sampling.sample_keys(self.config.seed, batch["pair_index"])
-    images = np.asarray(self.sample_fn(model_def)(self.params_for_sampling(state), frozen,
-                                                  batch, keys))
-    rows = [[local["source"][i], local["target_pose"][i], visualize.to_uint8(images[i]),
-             local["target"][i]] for i in range(len(images))]
-    grid = visualize.image_grid(rows)
-    return {"samples": grid[None]}
+    images = sharding.to_host(self.sample_fn(model_def)(self.params_for_sampling(state),
+                                                        frozen, batch, keys))
+    rows = [[shown["source"][i], shown["target_pose"][i], visualize.to_uint8(images[i]),
+             shown["target"][i]] for i in range(len(images))]
+    return {"samples": visualize.image_grid(rows)[None]}
 
   def export(self, state, model_def, workdir: Path) -> None:
     """The trained UNet as a diffusers folder (+ the source projection)."""
-    model = model_def(jax.device_get(self.params_for_sampling(state)))
+    model = model_def(sharding.to_host(self.params_for_sampling(state)))
     if jax.process_index() != 0:
       return
     out = Path(workdir) / "export"
