@@ -7,11 +7,12 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import nnx
 
-from fpdm_jax import config_lib, losses
+from fpdm_jax import config_lib, losses, sharding
 from fpdm_jax.models.fusion import Combiner
 from fpdm_jax.trainers import common, loop
 
@@ -196,3 +197,38 @@ def test_train_cli_reports_config_errors(capsys):
   assert train.main(["--config", "configs/synthetic.py:stage1_quick", "--workdir", "/tmp/x",
                      "--config.train.nope=1"]) == 2
   assert "unknown config key 'train.nope'" in capsys.readouterr().err
+
+
+def test_gradient_accumulation_is_one_big_batch_on_an_fsdp_mesh():
+  """grad_accum=4 over a batch updates the parameters as one step over the
+  whole batch (a loss that is a mean over examples and ignores the RNG), with
+  the parameters FSDP-sharded over 8 devices."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = sharding.make_mesh((("data", 1), ("fsdp", 8)))
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(8,)), jnp.float32)}
+  shardings = {"w": NamedSharding(mesh, P("fsdp", None)), "b": NamedSharding(mesh, P())}
+  batch = {"x": jnp.asarray(rng.normal(size=(16, 16)), jnp.float32),
+           "y": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)}
+
+  def loss_fn(p, frozen, b, key):
+    err = jnp.tanh(b["x"] @ p["w"] + p["b"]) - b["y"]
+    return jnp.mean(err ** 2), {"err": jnp.mean(jnp.abs(err))}
+
+  tx = optax.sgd(0.5)  # linear in the gradient: the parameter change is the gradient
+  out = {}
+  for k in (1, 4):
+    state = jax.device_put(common.init_state(params, tx, seed=0, ema=False),
+                           NamedSharding(mesh, P()))
+    state["params"] = jax.device_put(params, shardings)
+    step = jax.jit(common.make_train_step(loss_fn, tx, grad_accum=k))
+    out[k] = step(state, None, batch)
+  new1, m1 = out[1]
+  new4, m4 = out[4]
+  assert new4["params"]["w"].sharding.is_equivalent_to(shardings["w"], 2)
+  np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m4["err"], m1["err"], rtol=1e-6)
+  for name in params:
+    assert np.abs(np.asarray(new1["params"][name]) - np.asarray(params[name])).max() > 1e-3
+    np.testing.assert_allclose(new4["params"][name], new1["params"][name], atol=1e-6)
