@@ -17,9 +17,10 @@ A single process on one machine (one or several GPUs, one TPU VM host or a
 CPU) needs nothing: JAX already sees all local devices.
 
 ``FPDM_CPU_COLLECTIVES`` (``gloo`` or ``mpi``) selects the cross-process
-collectives of the CPU backend (``jax_cpu_collectives_implementation``); the
-local multi-process CPU runs (tests, ``launch/local_multiprocess.sh``) use
-``gloo``. ``FPDM_INIT_TIMEOUT`` (seconds, default 300) bounds how long a
+collectives of the CPU backend (``jax_cpu_collectives_implementation``) and
+turns the persistent compilation cache off
+(``_no_persistent_cache_with_cpu_collectives``); the local multi-process CPU
+runs (tests, ``launch/local_multiprocess.sh``) use ``gloo``. ``FPDM_INIT_TIMEOUT`` (seconds, default 300) bounds how long a
 process waits for its peers.
 """
 from __future__ import annotations
@@ -87,6 +88,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
   if cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    _no_persistent_cache_with_cpu_collectives()
   if mode == "off":
     return False
   if coordinator:
@@ -111,6 +113,24 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   jax.distributed.initialize(initialization_timeout=timeout,
                              local_device_ids=_slurm_local_devices())
   return True
+
+
+def _no_persistent_cache_with_cpu_collectives() -> None:
+  """Turns JAX's persistent compilation cache off for CPU-collective runs.
+
+  Two local CPU processes whose train step came from the persistent cache
+  (``JAX_COMPILATION_CACHE_DIR``) hung in the step's first collectives, or
+  gloo reported "collective mismatch", in 11 of 12 runs on a 2-core machine
+  (1 or 2 devices per process); compiling the step themselves, the same
+  processes passed 7 runs of 7 (tests/test_multiprocess.py). A CPU program is cheap to
+  recompile, so the cache is not worth the hang. Accelerator runs keep it.
+  """
+  if jax.config.jax_enable_compilation_cache and (
+      jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")):
+    logging.warning("CPU collectives (%s): the persistent compilation cache is turned off; "
+                    "programs loaded from it hang in cross-process collectives",
+                    ENV_CPU_COLLECTIVES)
+  jax.config.update("jax_enable_compilation_cache", False)
 
 
 def _slurm_local_devices() -> list[int] | None:
