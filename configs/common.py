@@ -26,7 +26,11 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
       max_nonfinite_in_a_row=5, profile=False,
       # Stop with a checkpoint at this step, as a preemption would (0: never);
       # for time-limited jobs: rerun the same command to continue.
-      stop_at_step=0))
+      stop_at_step=0,
+      # JAX's persistent compilation cache: a restarted or resumed run loads
+      # its compiled steps instead of compiling them again ("" = off;
+      # $JAX_COMPILATION_CACHE_DIR wins). Off by itself under CPU collectives.
+      compilation_cache_dir="~/.cache/fpdm_jax/xla"))
 
   c.eval = ml_collections.ConfigDict(dict(batch_size=8, max_batches=0))
 

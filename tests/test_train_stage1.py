@@ -232,3 +232,22 @@ def test_gradient_accumulation_is_one_big_batch_on_an_fsdp_mesh():
   for name in params:
     assert np.abs(np.asarray(new1["params"][name]) - np.asarray(params[name])).max() > 1e-3
     np.testing.assert_allclose(new4["params"][name], new1["params"][name], atol=1e-6)
+
+
+def test_train_cli_points_the_compilation_cache_at_the_config(monkeypatch, tmp_path):
+  from fpdm_jax import train
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  try:
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    train.use_compilation_cache(str(tmp_path / "xla"))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    # The user's environment wins; "" leaves JAX alone.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")
+    train.use_compilation_cache(str(tmp_path / "other"))
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    train.use_compilation_cache("")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
