@@ -1,8 +1,9 @@
 """Attention and the precision policy shared by every model family.
 
-All attention goes through ``jax.nn.dot_product_attention`` so XLA can pick a
-fused kernel (cuDNN flash attention on GPU, the TPU kernel on TPU) while the
-CPU path stays the plain einsum. Parameters are float32; ``dtype`` is the
+On GPU/TPU all attention goes through ``jax.nn.dot_product_attention`` so XLA
+can pick a fused kernel (cuDNN flash attention on GPU, the TPU kernel on TPU);
+on CPU it takes heads-major batched matmuls with a hand-written backward
+(``_heads_major_attention``). Parameters are float32; ``dtype`` is the
 compute dtype (bfloat16 on accelerators), which is how mixed precision is
 spelled in Flax.
 """
