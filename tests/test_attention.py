@@ -25,7 +25,8 @@ def test_cpu_path_matches_jax_dot_product_attention():
 
 def test_cpu_path_gradients_match_autodiff_of_the_reference():
   """The CPU path's hand-written backward against jax.nn.dot_product_attention's
-  autodiff: self- and cross-attention, with a mask, several heads."""
+  autodiff: cross-attention (keys shorter than queries), with and without a
+  mask, several heads."""
   rng = np.random.default_rng(1)
   q = jnp.asarray(rng.normal(size=(2, 17, 3, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, 9, 3, 8)), jnp.float32) for _ in range(2))
