@@ -12,6 +12,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
+import fpdm_jax  # noqa: E402,F401  (adds its XLA:CPU flags before JAX starts)
 import jax  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir",

@@ -1,0 +1,66 @@
+"""fpdm_jax's XLA:CPU flags: added to XLA_FLAGS at import, and read by XLA."""
+import logging
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fpdm_jax import xla_cpu_flags
+
+FLAG = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def test_with_defaults_appends_missing_flags_and_keeps_the_users():
+  assert xla_cpu_flags.with_defaults("") == f"--{FLAG}=-individual_convolution"
+  mine = f"--xla_force_host_platform_device_count=8 --{FLAG}=individual_dot"
+  assert xla_cpu_flags.with_defaults(mine) == mine
+  once = xla_cpu_flags.with_defaults("--xla_force_host_platform_device_count=8")
+  assert once.split() == ["--xla_force_host_platform_device_count=8",
+                          f"--{FLAG}=-individual_convolution"]
+  assert xla_cpu_flags.with_defaults(once) == once
+
+
+def test_import_added_the_flag_and_xla_keeps_convolutions_out_of_ynnpack():
+  """The flag reached XLA: the kernel gradient of a conv is XLA's own
+  convolution, not a YNNPACK fusion (which is what jaxlib 0.10 does by default,
+  at 5-11 GFLOP/s for such gradients)."""
+  assert f"--{FLAG}=-individual_convolution" in os.environ["XLA_FLAGS"].split()
+
+  def loss(x, w):
+    y = lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return 0.5 * jnp.sum(y ** 2)
+
+  # Big enough for YNNPACK's cost model to take it when the flag is missing
+  # (at 16x16x16 it leaves even the default to XLA).
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((8, 32, 32, 64)).astype(np.float32)
+  w = (rng.standard_normal((3, 3, 64, 64)) * 0.05).astype(np.float32)
+  grad_fn = jax.jit(jax.grad(loss, argnums=1))
+  hlo = grad_fn.lower(x, w).compile().as_text()
+  bodies = dict(re.findall(r"^%?(\S+) \(.*?\{\n(.*?)\n\}", hlo, re.S | re.M))
+  ynn_calls = re.findall(r'calls=%(\S+?),.*"kind":"__ynn_fusion"', hlo)
+  assert "convolution(" in hlo
+  assert not [c for c in ynn_calls if "convolution(" in bodies.get(c, "")]
+  # And the gradient is still right: one float64 matmul per kernel tap.
+  xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  windows = [xp[:, i:i + 32, j:j + 32, :] for i in range(3) for j in range(3)]
+  y = sum(win @ tap for win, tap in zip(windows, w.astype(np.float64).reshape(9, 64, 64)))
+  want = np.stack([np.einsum("bhwc,bhwd->cd", win, y) for win in windows]).reshape(w.shape)
+  np.testing.assert_allclose(np.asarray(grad_fn(x, w)), want, rtol=1e-4, atol=1e-2)
+
+
+def test_apply_after_jax_started_warns_and_leaves_xla_flags(monkeypatch, caplog):
+  jax.devices()  # the backend exists
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  with caplog.at_level(logging.WARNING, logger="fpdm_jax.xla_cpu_flags"):
+    assert not xla_cpu_flags.apply()
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+  assert "Import fpdm_jax first" in caplog.text
+  monkeypatch.setenv(xla_cpu_flags.ENV_OPT_OUT, "0")
+  caplog.clear()
+  assert not xla_cpu_flags.apply()
+  assert not caplog.text
