@@ -191,10 +191,13 @@ def jax_flops(compiled) -> float | None:
 # ----------------------------------------------------------------------------
 # Sub-processes and reporting.
 
-def run_module(module: str, spec: dict, timeout: float | None = None) -> dict:
-  """``python -m module --run-one JSON`` in a fresh interpreter; its last JSON line."""
+def run_module(module: str, spec: dict, timeout: float | None = None,
+               env: dict | None = None) -> dict:
+  """``python -m module --run-one JSON`` in a fresh interpreter (``env`` added to
+  this process's environment); its last JSON line."""
   cmd = [sys.executable, "-m", module, "--run-one", json.dumps(spec)]
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), timeout=timeout)
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO), timeout=timeout,
+                        env=None if env is None else {**os.environ, **env})
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   if proc.returncode or not lines:
     sys.stderr.write(proc.stderr[-6000:])
