@@ -22,6 +22,7 @@ after 2 warm-up calls.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -60,7 +61,7 @@ def run_one(spec: dict) -> dict:
   import numpy as np
   from jax import lax
 
-  out = {"xla_flags": __import__("os").environ.get("XLA_FLAGS", ""), "cases": []}
+  out = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "cases": []}
   for label, b, h, cin, cout, s in spec["cases"]:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, h, h, cin)).astype(np.float32)
@@ -140,6 +141,8 @@ def main(argv=None) -> int:
     import json
     print(json.dumps(run_one(json.loads(args.run_one))), flush=True)
     return 0
+  if args.repeats is not None and args.repeats < 1:
+    p.error("--repeats must be >= 1")
   cases = QUICK if args.quick else CASES
   repeats = args.repeats or (3 if args.quick else 10)
   machine = bc.machine_info()

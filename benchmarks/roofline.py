@@ -111,7 +111,8 @@ def table(r: dict, args) -> str:
           f"{g(mm['torch']['flops_per_s'])} ({g(mm2['torch']['flops_per_s'])}) |",
           f"| step: {args.config} UNet, batch {args.batch}, XLA GFLOP per step | "
           f"{r['info']['flops'] / 1e9:.1f} |",
-          f"| step time, s (median of {len(r['step'].get('times_s', [])) or args.repeats}; min–max) | {r['step']['median_s']:.3f} "
+          f"| step time, s (median of {len(r['step']['times_s'])}; min–max) | "
+          f"{r['step']['median_s']:.3f} "
           f"({r['step']['min_s']:.3f}–{r['step']['max_s']:.3f}) |",
           f"| achieved GFLOP/s | {g(r['achieved_flops_per_s'])} |",
           f"| fraction of the jnp.dot rate | {100 * r['fraction_of_matmul']:.1f} % |",
