@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fpdm_jax.models import convolution
 from fpdm_jax.models.attention import dot_product_attention
 
 Dtype = jnp.dtype
@@ -43,7 +44,9 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding=Non
   """A PyTorch-style ``Conv2d``: explicit symmetric padding ``kernel // 2``.
 
   Flax's ``"SAME"`` pads stride-2 convolutions asymmetrically ((0, 1) on even
-  sizes), which is not what ``nn.Conv2d(padding=1, stride=2)`` does.
+  sizes), which is not what ``nn.Conv2d(padding=1, stride=2)`` does. The
+  convolution is ``models.convolution``'s (faster kernel gradients at batch 1
+  on the CPU).
   """
   if padding is None:
     padding = kernel // 2
@@ -51,7 +54,8 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding=Non
     padding = ((padding, padding), (padding, padding))
   return nnx.Conv(in_ch, out_ch, kernel_size=(kernel, kernel), strides=(stride, stride),
                   padding=padding, use_bias=use_bias, dtype=dtype,
-                  param_dtype=jnp.float32, rngs=rngs)
+                  param_dtype=jnp.float32, conv_general_dilated=convolution.conv_general_dilated,
+                  rngs=rngs)
 
 
 def linear(in_f: int, out_f: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32,

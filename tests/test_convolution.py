@@ -1,0 +1,107 @@
+"""The model convolution: batch-1 kernel gradients as per-tap matmuls on the CPU.
+
+The values must be exactly what autodiff of ``lax.conv_general_dilated`` gives
+(to float32 summation order), and the per-tap rule must really be the one
+taken where it is meant to be, or these tests would compare XLA with itself.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from fpdm_jax.models import convolution, diffusers_blocks
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _tap_matmuls(f, *args) -> int:
+  """How many dot_generals the gradient of ``f`` contains (a conv has none)."""
+  return str(jax.make_jaxpr(jax.grad(f))(*args)).count("dot_general")
+
+
+def _loss(conv, x, w, stride, padding, dn):
+  y = conv(x, w, (stride, stride), padding, dimension_numbers=dn)
+  return jnp.sum(jnp.sin(y))  # a non-constant cotangent
+
+
+@pytest.mark.parametrize("kernel,stride,padding,channels", [
+    (3, 1, ((1, 1), (1, 1)), (16, 6)),   # ResnetBlock2D
+    (3, 2, ((1, 1), (1, 1)), (16, 6)),   # Downsample2D / pose embedding
+    (3, 2, ((0, 1), (0, 1)), (8, 6)),    # VAE encoder's asymmetric downsample
+    (1, 1, ((0, 0), (0, 0)), (16, 6)),   # conv_shortcut
+    (2, 1, ((1, 0), (0, 1)), (3, 5)),    # even kernel, uneven padding, RGB input
+])
+def test_batch1_gradients_match_autodiff_of_lax_conv(kernel, stride, padding, channels):
+  cin, cout = channels
+  rng = np.random.default_rng(kernel * 10 + stride)
+  x = jnp.asarray(rng.normal(size=(1, 9, 7, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, cin, cout)), jnp.float32)
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+
+  want_y = lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+  got_y = convolution.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
+  np.testing.assert_array_equal(got_y, want_y)  # the forward is lax's own
+
+  grad = jax.grad(_loss, argnums=(1, 2))
+  want = grad(lax.conv_general_dilated, x, w, stride, padding, dn)
+  got = jax.jit(grad, static_argnums=(0, 3, 4, 5))(
+      convolution.conv_general_dilated, x, w, stride, padding, dn)
+  for g, r, name in zip(got, want, ("input", "kernel")):
+    np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()), err_msg=name)
+  assert got[1].dtype == w.dtype
+  assert _tap_matmuls(lambda w: _loss(convolution.conv_general_dilated, x, w, stride, padding,
+                                      dn), w) == kernel ** 2
+  assert _tap_matmuls(lambda w: _loss(lax.conv_general_dilated, x, w, stride, padding, dn),
+                      w) == 0
+
+
+def test_bfloat16_kernel_gradient_keeps_the_kernel_dtype():
+  """Mixed precision: the kernel gradient is accumulated in float32 and comes
+  back in the kernel's dtype, as lax's does."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(1, 8, 8, 16)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(3, 3, 16, 8)) * 0.1, jnp.bfloat16)
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+  pad = ((1, 1), (1, 1))
+  got = jax.grad(lambda w: _loss(convolution.conv_general_dilated, x, w, 1, pad, dn))(w)
+  want = jax.grad(lambda w: _loss(lax.conv_general_dilated, x.astype(jnp.float32), w, 1, pad,
+                                  dn))(w.astype(jnp.float32))
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=0.05 * float(abs(want).max()))
+
+
+@pytest.mark.parametrize("case", ["batch 2", "grouped", "dilated", "SAME padding", "5x5 kernel"])
+def test_other_convolutions_are_lax_unchanged(case):
+  """Batch > 1 (where XLA's own kernel gradient is faster), grouped, dilated,
+  string-padded and larger-than-3x3 convs take lax's path: same values, no
+  per-tap matmuls."""
+  rng = np.random.default_rng(0)
+  batch = 2 if case == "batch 2" else 1
+  size = 5 if case == "5x5 kernel" else 3
+  groups = 2 if case == "grouped" else 1
+  x = jnp.asarray(rng.normal(size=(batch, 8, 8, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(size, size, 16 // groups, 4)), jnp.float32)
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+  kwargs = dict(padding=((1, 1), (1, 1)), feature_group_count=groups)
+  if case == "dilated":
+    kwargs.update(padding=((2, 2), (2, 2)), rhs_dilation=(2, 2))
+  if case == "SAME padding":
+    kwargs.update(padding="SAME")
+
+  def conv(conv_fn, w):
+    return conv_fn(x, w, (1, 1), dimension_numbers=dn, **kwargs)
+
+  np.testing.assert_array_equal(conv(convolution.conv_general_dilated, w),
+                                conv(lax.conv_general_dilated, w))
+  assert _tap_matmuls(lambda w: conv(convolution.conv_general_dilated, w).sum(), w) == 0
+
+
+def test_model_convs_use_it():
+  """``diffusers_blocks.conv2d`` (every UNet, VAE and pose-embedding conv)
+  goes through it: its batch-1 kernel gradient is nine matmuls."""
+  conv = diffusers_blocks.conv2d(16, 8, 3, stride=2, rngs=nnx.Rngs(0))
+  x = jnp.ones((1, 8, 8, 16))
+  graphdef, params = nnx.split(conv)
+  assert _tap_matmuls(lambda p: nnx.merge(graphdef, p)(x).sum(), params) == 9
