@@ -1,8 +1,9 @@
-"""The model convolution: batch-1 kernel gradients as per-tap matmuls on the CPU.
+"""The model convolution's CPU gradients: per-tap kernel gradients at batch 1,
+space-to-depth input gradients of thin stride-2 convs.
 
-The values must be exactly what autodiff of ``lax.conv_general_dilated`` gives
-(to float32 summation order), and the per-tap rule must really be the one
-taken where it is meant to be, or these tests would compare XLA with itself.
+The values must be what autodiff of ``lax.conv_general_dilated`` gives (to
+float32 summation order), and each rule must really be the one taken where it
+is meant to be, or these tests would compare XLA with itself.
 """
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,12 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 def _tap_matmuls(f, *args) -> int:
   """How many dot_generals the gradient of ``f`` contains (a conv has none)."""
   return str(jax.make_jaxpr(jax.grad(f))(*args)).count("dot_general")
+
+
+def _dilated_convs(f, *args) -> int:
+  """How many zero-dilated-input convolutions (XLA's stride-2 input gradient)
+  the gradient of ``f`` contains."""
+  return str(jax.make_jaxpr(jax.grad(f))(*args)).count("lhs_dilation=(2, 2)")
 
 
 def _loss(conv, x, w, stride, padding, dn):
@@ -57,6 +64,38 @@ def test_batch1_gradients_match_autodiff_of_lax_conv(kernel, stride, padding, ch
                       w) == 0
 
 
+@pytest.mark.parametrize("kernel,size,padding", [
+    (3, (16, 16), ((1, 1), (1, 1))),   # pose embedding / Downsample2D
+    (3, (9, 7), ((0, 1), (0, 1))),     # VAE encoder's asymmetric downsample, odd sizes
+    (2, (9, 8), ((0, 0), (1, 0))),     # even kernel: the last row is cropped
+    (4, (10, 10), ((1, 2), (2, 1))),
+    (1, (7, 6), ((0, 0), (0, 0))),     # strided 1x1
+])
+def test_space_to_depth_matches_the_stride2_conv(kernel, size, padding):
+  rng = np.random.default_rng(kernel)
+  x = jnp.asarray(rng.normal(size=(2, *size, 8)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 8, 5)), jnp.float32)
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+  want = lax.conv_general_dilated(x, w, (2, 2), padding, dimension_numbers=dn)
+  got = convolution.space_to_depth_conv(x, w, padding)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()))
+
+  # The model conv at batch 2 takes its input gradient this way; the kernel
+  # gradient stays XLA's (no per-tap matmuls).
+  grad = jax.grad(_loss, argnums=(1, 2))
+  want = grad(lax.conv_general_dilated, x, w, 2, padding, dn)
+  got = jax.jit(grad, static_argnums=(0, 3, 4, 5))(
+      convolution.conv_general_dilated, x, w, 2, padding, dn)
+  for g, r, name in zip(got, want, ("input", "kernel")):
+    np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()), err_msg=name)
+  assert _dilated_convs(lambda x: _loss(convolution.conv_general_dilated, x, w, 2, padding, dn),
+                        x) == 0
+  assert _dilated_convs(lambda x: _loss(lax.conv_general_dilated, x, w, 2, padding, dn), x) == 1
+  assert _tap_matmuls(lambda w: _loss(convolution.conv_general_dilated, x, w, 2, padding, dn),
+                      w) == 0
+
+
 def test_bfloat16_kernel_gradient_keeps_the_kernel_dtype():
   """Mixed precision: the kernel gradient is accumulated in float32 and comes
   back in the kernel's dtype, as lax's does."""
@@ -72,17 +111,21 @@ def test_bfloat16_kernel_gradient_keeps_the_kernel_dtype():
   np.testing.assert_allclose(got.astype(jnp.float32), want, atol=0.05 * float(abs(want).max()))
 
 
-@pytest.mark.parametrize("case", ["batch 2", "grouped", "dilated", "SAME padding", "5x5 kernel"])
+@pytest.mark.parametrize("case", ["batch 2", "batch 2, stride 2, 64 channels", "grouped",
+                                  "dilated", "SAME padding", "5x5 kernel"])
 def test_other_convolutions_are_lax_unchanged(case):
-  """Batch > 1 (where XLA's own kernel gradient is faster), grouped, dilated,
+  """Batch > 1 (where XLA's own kernel gradient is faster), stride 2 from 64
+  input channels (where XLA's input gradient is), grouped, dilated,
   string-padded and larger-than-3x3 convs take lax's path: same values, no
-  per-tap matmuls."""
+  per-tap matmuls, XLA's own input gradient."""
   rng = np.random.default_rng(0)
-  batch = 2 if case == "batch 2" else 1
+  batch = 1 if case in ("grouped", "dilated", "SAME padding", "5x5 kernel") else 2
   size = 5 if case == "5x5 kernel" else 3
   groups = 2 if case == "grouped" else 1
-  x = jnp.asarray(rng.normal(size=(batch, 8, 8, 16)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(size, size, 16 // groups, 4)), jnp.float32)
+  cin = 64 if "64 channels" in case else 16
+  stride = 2 if "stride 2" in case else 1
+  x = jnp.asarray(rng.normal(size=(batch, 8, 8, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(size, size, cin // groups, 4)), jnp.float32)
   dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
   kwargs = dict(padding=((1, 1), (1, 1)), feature_group_count=groups)
   if case == "dilated":
@@ -90,12 +133,14 @@ def test_other_convolutions_are_lax_unchanged(case):
   if case == "SAME padding":
     kwargs.update(padding="SAME")
 
-  def conv(conv_fn, w):
-    return conv_fn(x, w, (1, 1), dimension_numbers=dn, **kwargs)
+  def conv(conv_fn, x, w):
+    return conv_fn(x, w, (stride, stride), dimension_numbers=dn, **kwargs)
 
-  np.testing.assert_array_equal(conv(convolution.conv_general_dilated, w),
-                                conv(lax.conv_general_dilated, w))
-  assert _tap_matmuls(lambda w: conv(convolution.conv_general_dilated, w).sum(), w) == 0
+  np.testing.assert_array_equal(conv(convolution.conv_general_dilated, x, w),
+                                conv(lax.conv_general_dilated, x, w))
+  ours = lambda x, w: conv(convolution.conv_general_dilated, x, w).sum()  # noqa: E731
+  assert _tap_matmuls(lambda w: ours(x, w), w) == 0
+  assert _dilated_convs(lambda x: ours(x, w), x) == (1 if stride == 2 else 0)
 
 
 def test_model_convs_use_it():

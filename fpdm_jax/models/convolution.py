@@ -1,25 +1,28 @@
 """The 2-D convolution of the UNet, VAE and pose embedding layers.
 
-It is ``lax.conv_general_dilated`` with one exception: on XLA:CPU, at batch 1,
-the kernel gradient is written as one matmul per kernel tap.
+It is ``lax.conv_general_dilated``, with two of its gradients written another
+way on XLA:CPU, where XLA's own convolution kernels run them far below the
+machine's matmul rate (benchmarks/README.md, findings 11 and 12):
 
-Why. XLA computes d(loss)/d(kernel) as another convolution whose "batch" is
-the input channels and whose contraction runs over the batch dimension. At
-batch 1 that contraction has length 1, and XLA:CPU's convolution kernels run
-it far below the machine's matmul rate: a 32x32, 64 -> 64 kernel gradient
-takes 5.5 ms against torch's 1.7 ms (benchmarks/README.md, findings 11 and
-12). The same sum, for a 3x3 kernel,
+- **Kernel gradient at batch 1.** XLA computes d(loss)/d(kernel) as a
+  convolution that contracts over the batch dimension, which at batch 1 has
+  length 1: a 32x32, 64 -> 64 kernel gradient takes 4.4 ms against torch's
+  1.7 ms. The same sum, for a 3x3 kernel,
 
-  dW[i, j] = sum_{h, w} x_pad[s*h + i, s*w + j, :]^T dy[h, w, :]
+    dW[i, j] = sum_{h, w} x_pad[s*h + i, s*w + j, :]^T dy[h, w, :]
 
-is nine [C_in, H*W] x [H*W, C_out] matmuls, which contract over the pixels
-and run at the matmul rate (1.6 ms for that conv). From batch 2 on XLA's own
-kernel gradient is the faster one, so only batch 1 takes this path: training
-at per-example batch 1 (the smallest configurations, fine-tuning on one
-accelerator-less machine) and ``benchmarks.train_step``'s b1 rows.
+  is nine [C_in, H*W] x [H*W, C_out] matmuls that contract over the pixels
+  (1.7 ms). From batch 2 on XLA's kernel gradient is as fast or faster.
+- **Input gradient of a stride-2 convolution with few input channels** (the
+  pose embedding's downsampling convs at 256x256 and 128x128). XLA writes it
+  as a convolution of the zero-dilated output gradient, which its kernels run
+  at 1-3 GFLOP/s. Written space-to-depth, a stride-2 kxk convolution is a
+  stride-1 ceil(k/2) x ceil(k/2) convolution over 4*C_in channels; its input
+  gradient is then a plain stride-1 convolution and a reshape (batch 8,
+  256x256, 16 -> 32: 124 -> 46 ms). From 64 input channels XLA's is faster.
 
-The forward and the input gradient are always XLA's, and on GPU/TPU nothing
-changes: the branch is taken only when JAX's default backend is the CPU.
+The forward is always XLA's, and on GPU/TPU nothing changes: the custom
+gradient is used only when JAX's default backend is the CPU.
 """
 from __future__ import annotations
 
@@ -30,38 +33,53 @@ import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-# 3x3 and smaller. A 16x16 patchify conv would be 256 thin matmuls.
+# Per-tap kernel gradients for 3x3 kernels and smaller. A 16x16 patchify conv
+# would be 256 thin matmuls.
 _MAX_TAPS = 9
+# Space-to-depth input gradients up to 32 input channels: batch 8, 128x128,
+# 32 -> 96 is 60 -> 37 ms that way, but 64x64, 96 -> 256 is 35 -> 47 ms.
+_MAX_S2D_IN_CHANNELS = 32
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, **kwargs):
   """``lax.conv_general_dilated`` (the signature ``nnx.Conv`` calls), with the
-  per-tap kernel gradient for plain batch-1 NHWC convolutions on the CPU."""
-  if _per_tap(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-              feature_group_count, batch_group_count, kwargs):
-    return _conv(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding), precision)
+  CPU gradients of the module docstring where they apply."""
+  if _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                 feature_group_count, batch_group_count, kwargs):
+    strides = tuple(window_strides)
+    if _per_tap_kernel_gradient(lhs.shape, rhs.shape) or _s2d_input_gradient(rhs.shape, strides):
+      return _conv(lhs, rhs, strides, tuple(tuple(p) for p in padding), precision)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                   dimension_numbers, feature_group_count, batch_group_count,
                                   precision=precision, **kwargs)
 
 
-def _per_tap(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-             feature_group_count, batch_group_count, kwargs) -> bool:
+def _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                feature_group_count, batch_group_count, kwargs) -> bool:
+  """A CPU, NHWC x HWIO, ungrouped, undilated conv with explicit padding."""
   return (jax.default_backend() == "cpu"
-          and lhs.ndim == 4 and lhs.shape[0] == 1
+          and lhs.ndim == 4
           and feature_group_count == 1 and batch_group_count == 1
           and not isinstance(padding, str)
           and all(lo >= 0 and hi >= 0 for lo, hi in padding)
           and all(d == 1 for d in (lhs_dilation or (1, 1)))
           and all(d == 1 for d in (rhs_dilation or (1, 1)))
-          and rhs.shape[0] * rhs.shape[1] <= _MAX_TAPS
           and dimension_numbers is not None
           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
           and kwargs.get("preferred_element_type") is None
           and kwargs.get("out_sharding") is None)
+
+
+def _per_tap_kernel_gradient(x_shape, w_shape) -> bool:
+  return x_shape[0] == 1 and w_shape[0] * w_shape[1] <= _MAX_TAPS
+
+
+def _s2d_input_gradient(w_shape, strides) -> bool:
+  kh, kw, cin, _ = w_shape
+  return strides == (2, 2) and kh <= 4 and kw <= 4 and cin <= _MAX_S2D_IN_CHANNELS
 
 
 def _plain_conv(x, w, strides, padding, precision):
@@ -80,13 +98,48 @@ def _conv_fwd(x, w, strides, padding, precision):
 
 def _conv_bwd(strides, padding, precision, residuals, dy):
   x, w = residuals
-  _, input_vjp = jax.vjp(lambda x: _plain_conv(x, w, strides, padding, precision), x)
+  if _s2d_input_gradient(w.shape, strides):
+    _, input_vjp = jax.vjp(lambda x: space_to_depth_conv(x, w, padding, precision), x)
+  else:
+    _, input_vjp = jax.vjp(lambda x: _plain_conv(x, w, strides, padding, precision), x)
   (dx,) = input_vjp(dy)
-  dw = kernel_gradient(x, dy, w.shape, strides, padding, precision)
-  return dx, dw.astype(w.dtype)
+  if _per_tap_kernel_gradient(x.shape, w.shape):
+    dw = kernel_gradient(x, dy, w.shape, strides, padding, precision).astype(w.dtype)
+  else:
+    _, kernel_vjp = jax.vjp(lambda w: _plain_conv(x, w, strides, padding, precision), w)
+    (dw,) = kernel_vjp(dy)
+  return dx, dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def space_to_depth_conv(x, w, padding, precision=None):
+  """A stride-2 NHWC x HWIO convolution as a stride-1 one over 4x the channels.
+
+  With x_pad the padded input, y[h, w] = sum_{i, j} x_pad[2h + i, 2w + j] W[i, j].
+  Writing i = 2 * di + a (a in {0, 1}) and folding (a, b) into the channels,
+  z[h, w, (a, b, c)] = x_pad[2h + a, 2w + b, c], gives
+  y[h, w] = sum_{di, dj} z[h + di, w + dj] W'[di, dj]: a VALID stride-1
+  convolution with the kernel zero-padded to even size and rearranged. Rows
+  and columns of the input that no tap reaches are cropped.
+  """
+  kh, kw, cin, cout = w.shape
+  (top, bottom), (left, right) = padding
+  b, h, wd, _ = x.shape
+  ho, wo = (h + top + bottom - kh) // 2 + 1, (wd + left + right - kw) // 2 + 1
+  th, tw = -(-kh // 2), -(-kw // 2)  # taps of the stride-1 kernel
+  hp, wp = 2 * (ho + th - 1), 2 * (wo + tw - 1)
+  # lax.pad: a negative high padding crops what no tap reaches.
+  x_pad = lax.pad(x, jnp.zeros((), x.dtype),
+                  ((0, 0, 0), (top, hp - h - top, 0), (left, wp - wd - left, 0), (0, 0, 0)))
+  z = x_pad.reshape(b, hp // 2, 2, wp // 2, 2, cin).transpose(0, 1, 3, 2, 4, 5)
+  z = z.reshape(b, hp // 2, wp // 2, 4 * cin)
+  w2 = jnp.pad(w, ((0, 2 * th - kh), (0, 2 * tw - kw), (0, 0), (0, 0)))
+  w2 = w2.reshape(th, 2, tw, 2, cin, cout).transpose(0, 2, 1, 3, 4, 5)
+  w2 = w2.reshape(th, tw, 4 * cin, cout)
+  return lax.conv_general_dilated(z, w2, (1, 1), "VALID", dimension_numbers=_NHWC,
+                                  precision=precision)
 
 
 def kernel_gradient(x, dy, kernel_shape, strides, padding, precision=None):
