@@ -1,19 +1,24 @@
 """One 3x3 convolution's forward, kernel gradient and input gradient: XLA:CPU
-with its defaults, XLA:CPU with fpdm_jax's flags (``fpdm_jax/xla_cpu_flags.py``)
-and torch, at the UNet's and the pose embedding's shapes.
+with its defaults, fpdm_jax's model convolution with fpdm_jax's flags
+(``fpdm_jax/models/convolution.py``, ``fpdm_jax/xla_cpu_flags.py``) and torch,
+at the UNet's and the pose embedding's shapes.
 
   python -m benchmarks.convolution [--quick] [--json OUT.json] [--torch-threads N]
 
 Why this exists: jaxlib 0.10 runs convolutions through YNNPACK, whose kernel
 gradients (a convolution whose window is the whole activation) were the
-slowest part of the UNet train step (benchmarks/README.md, finding 11). This
-table shows each of the three parts on its own, so a new jaxlib can be checked
-in a minute: if the "XLA default" kernel gradient catches up with "fpdm", the
-flag can go.
+slowest part of the UNet train step (benchmarks/README.md, finding 11), and
+fpdm_jax's convolution writes two gradients its own way on the CPU (batch-1
+kernel gradients, thin stride-2 input gradients; finding 12). This table
+shows each of the three parts on its own, so a new jaxlib can be checked in a
+minute: where the "XLA default" column catches up with "fpdm", the flag or
+the custom gradient can go.
 
 Method. Each configuration runs in a fresh process, because XLA reads
 ``XLA_FLAGS`` once per process: "XLA default" sets ``FPDM_XLA_CPU_DEFAULTS=0``
-(fpdm_jax adds nothing), "fpdm" is what every fpdm_jax program gets. torch is
+(fpdm_jax adds nothing) and calls ``lax.conv_general_dilated``; "fpdm" is
+what every fpdm_jax model gets: its flags and
+``fpdm_jax.models.convolution.conv_general_dilated``. torch is
 timed in the "fpdm" process (``torch.ops.aten.convolution_backward`` with the
 output mask asking for one gradient at a time). NHWC / HWIO float32 for JAX,
 NCHW for torch; each function jitted separately; median of --repeats calls
@@ -27,6 +32,7 @@ import sys
 import time
 
 from benchmarks import common as bc
+from fpdm_jax import xla_cpu_flags
 
 MODULE = "benchmarks.convolution"
 # (label, batch, height = width, C_in, C_out, stride): where they occur.
@@ -37,11 +43,23 @@ CASES = [
     ("pose emb. 128x128", 8, 128, 32, 32, 1),
     ("pose emb. down", 8, 128, 16, 32, 2),
     ("pose emb. 256x256", 8, 256, 8, 16, 2),
+    ("pose emb. 256x256, medium", 8, 256, 16, 32, 2),
     ("UNet level 1, b1", 1, 32, 64, 64, 1),
+    ("pose emb. 128x128, b1", 1, 128, 32, 32, 1),
 ]
-QUICK = [("UNet level 1, b2", 2, 16, 32, 32, 1)]
+QUICK = [("UNet level 1, b1", 1, 16, 32, 32, 1), ("pose emb. down, b2", 2, 32, 16, 32, 2)]
 PARTS = ("forward", "kernel grad", "input grad")
-CONFIGS = {"XLA default": {"FPDM_XLA_CPU_DEFAULTS": "0"}, "fpdm": {}}
+CONFIGS = ("XLA default", "fpdm")
+
+
+def _config_env(name: str) -> dict:
+  """The child's environment changes. Importing ``benchmarks`` put fpdm_jax's
+  flags into this process's ``XLA_FLAGS``, which a child inherits: "XLA
+  default" takes them out again and keeps fpdm_jax from re-adding them."""
+  if name == "fpdm":
+    return {}
+  return {xla_cpu_flags.ENV_OPT_OUT: "0",
+          "XLA_FLAGS": xla_cpu_flags.without_defaults(os.environ.get("XLA_FLAGS", ""))}
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -61,6 +79,9 @@ def run_one(spec: dict) -> dict:
   import numpy as np
   from jax import lax
 
+  from fpdm_jax.models import convolution
+  conv_general_dilated = (convolution.conv_general_dilated if spec.get("ours")
+                          else lax.conv_general_dilated)
   out = {"xla_flags": os.environ.get("XLA_FLAGS", ""), "cases": []}
   for label, b, h, cin, cout, s in spec["cases"]:
     rng = np.random.default_rng(0)
@@ -70,8 +91,8 @@ def run_one(spec: dict) -> dict:
     dy = rng.standard_normal((b, ho, ho, cout)).astype(np.float32)
 
     def conv(x, w, s=s):
-      return lax.conv_general_dilated(x, w, (s, s), ((1, 1), (1, 1)),
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return conv_general_dilated(x, w, (s, s), ((1, 1), (1, 1)),
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     fwd = jax.jit(conv)
     kgrad = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
@@ -130,7 +151,7 @@ def table(rows: dict) -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--quick", action="store_true", help="one small case, 3 repeats")
+  p.add_argument("--quick", action="store_true", help="two small cases, 3 repeats")
   p.add_argument("--json", metavar="OUT.json", help="also write all results and the machine here")
   p.add_argument("--repeats", type=int, default=None, help="timed calls per part (default 10)")
   p.add_argument("--torch-threads", type=int, default=1,
@@ -147,10 +168,14 @@ def main(argv=None) -> int:
   repeats = args.repeats or (3 if args.quick else 10)
   machine = bc.machine_info()
   rows = {}
-  for name, env in CONFIGS.items():
+  for name in CONFIGS:
     print(f"[run] {name}", file=sys.stderr, flush=True)
     rows[name] = bc.run_module(MODULE, dict(cases=cases, repeats=repeats, torch=name == "fpdm",
-                                            torch_threads=args.torch_threads), env=env)
+                                            ours=name == "fpdm", torch_threads=args.torch_threads),
+                               env=_config_env(name))
+  if any(k in rows["XLA default"]["xla_flags"] for k in xla_cpu_flags.DEFAULTS):
+    raise SystemExit("the 'XLA default' process still had fpdm_jax's XLA flags: "
+                     f"{rows['XLA default']['xla_flags']!r}")
   print(bc.machine_line(machine))
   print(f"XLA_FLAGS of the two processes: default {rows['XLA default']['xla_flags']!r}, "
         f"fpdm {rows['fpdm']['xla_flags']!r}; torch threads {args.torch_threads or 'default'}; "

@@ -39,6 +39,13 @@ def with_defaults(xla_flags: str, defaults: dict[str, str] = DEFAULTS) -> str:
   return " ".join([xla_flags.strip(), *extra]).strip()
 
 
+def without_defaults(xla_flags: str, defaults: dict[str, str] = DEFAULTS) -> str:
+  """``xla_flags`` with every flag named in ``defaults`` removed: what a child
+  process needs to measure XLA's own defaults after this process applied ours."""
+  return " ".join(token for token in xla_flags.split()
+                  if token.lstrip("-").split("=", 1)[0] not in defaults)
+
+
 def _jaxlib_version() -> tuple[int, ...] | None:
   try:
     from importlib import metadata

@@ -143,6 +143,24 @@ def test_other_convolutions_are_lax_unchanged(case):
   assert _dilated_convs(lambda x: ours(x, w), x) == (1 if stride == 2 else 0)
 
 
+def test_environment_switch_turns_both_rules_off(monkeypatch):
+  monkeypatch.setenv("FPDM_CONV_CPU_GRADIENTS", "0")
+  x = jnp.ones((1, 8, 8, 16))
+  w = jnp.ones((3, 3, 16, 4))
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+
+  def loss(x, w):
+    return convolution.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)),
+                                            dimension_numbers=dn).sum()
+
+  assert _tap_matmuls(lambda w: loss(x, w), w) == 0
+  assert _dilated_convs(lambda x: loss(x, w), x) == 1
+  jax.jvp(lambda x: loss(x, w), (x,), (x,))  # plain lax: forward mode works
+  monkeypatch.setenv("FPDM_CONV_CPU_GRADIENTS", "1")
+  assert _tap_matmuls(lambda w: loss(x, w), w) == 9
+  assert _dilated_convs(lambda x: loss(x, w), x) == 0
+
+
 def test_model_convs_use_it():
   """``diffusers_blocks.conv2d`` (every UNet, VAE and pose-embedding conv)
   goes through it: its batch-1 kernel gradient is nine matmuls."""

@@ -21,6 +21,9 @@ def test_with_defaults_appends_missing_flags_and_keeps_the_users():
   assert once.split() == ["--xla_force_host_platform_device_count=8",
                           f"--{FLAG}=-individual_convolution"]
   assert xla_cpu_flags.with_defaults(once) == once
+  # Taking them out again (what benchmarks.convolution's "XLA default" child needs).
+  assert xla_cpu_flags.without_defaults(once) == "--xla_force_host_platform_device_count=8"
+  assert xla_cpu_flags.without_defaults(xla_cpu_flags.with_defaults("")) == ""
 
 
 def test_import_added_the_flag_and_xla_keeps_convolutions_out_of_ynnpack():

@@ -22,11 +22,16 @@ machine's matmul rate (benchmarks/README.md, findings 11 and 12):
   256x256, 16 -> 32: 124 -> 46 ms). From 64 input channels XLA's is faster.
 
 The forward is always XLA's, and on GPU/TPU nothing changes: the custom
-gradient is used only when JAX's default backend is the CPU.
+gradient is used only when JAX's default backend is the CPU. Like any
+``jax.custom_vjp`` it has no forward-mode rule, so ``jax.jvp`` through these
+convolutions fails on the CPU (nothing in fpdm_jax uses forward mode);
+``FPDM_CONV_CPU_GRADIENTS=0`` in the environment turns both rules off, for
+that or to measure what they change.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +65,7 @@ def _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers
                 feature_group_count, batch_group_count, kwargs) -> bool:
   """A CPU, NHWC x HWIO, ungrouped, undilated conv with explicit padding."""
   return (jax.default_backend() == "cpu"
+          and os.environ.get("FPDM_CONV_CPU_GRADIENTS", "1") != "0"
           and lhs.ndim == 4
           and feature_group_count == 1 and batch_group_count == 1
           and not isinstance(padding, str)
