@@ -39,6 +39,20 @@ def with_defaults(xla_flags: str, defaults: dict[str, str] = DEFAULTS) -> str:
   return " ".join([xla_flags.strip(), *extra]).strip()
 
 
+def opted_out(name: str) -> bool:
+  """Whether environment variable ``name`` switches one of fpdm_jax's CPU
+  defaults off (0/false/no/off); unset, empty or 1/true/yes/on leave it on.
+  Shared by ``FPDM_XLA_CPU_DEFAULTS`` and ``FPDM_CONV_CPU_GRADIENTS``, so both
+  read the same words."""
+  value = os.environ.get(name, "").strip().lower()
+  if value in ("0", "false", "no", "off"):
+    return True
+  if value in ("", "1", "true", "yes", "on"):
+    return False
+  raise ValueError(f"{name}={os.environ[name]!r}: use 0 to switch this fpdm_jax CPU default "
+                   "off, or unset it (1) to keep it on")
+
+
 def without_defaults(xla_flags: str, defaults: dict[str, str] = DEFAULTS) -> str:
   """``xla_flags`` with every flag named in ``defaults`` removed: what a child
   process needs to measure XLA's own defaults after this process applied ours."""
@@ -62,7 +76,7 @@ def apply() -> bool:
   already created its backends (the flags would no longer be read; a warning
   says so).
   """
-  if os.environ.get(ENV_OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+  if opted_out(ENV_OPT_OUT):
     return False
   version = _jaxlib_version()
   if version is None or version[:2] != TESTED_JAXLIB:

@@ -144,7 +144,7 @@ def test_other_convolutions_are_lax_unchanged(case):
 
 
 def test_environment_switch_turns_both_rules_off(monkeypatch):
-  monkeypatch.setenv("FPDM_CONV_CPU_GRADIENTS", "0")
+  monkeypatch.setenv(convolution.ENV_OPT_OUT, "off")
   x = jnp.ones((1, 8, 8, 16))
   w = jnp.ones((3, 3, 16, 4))
   dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
@@ -156,7 +156,7 @@ def test_environment_switch_turns_both_rules_off(monkeypatch):
   assert _tap_matmuls(lambda w: loss(x, w), w) == 0
   assert _dilated_convs(lambda x: loss(x, w), x) == 1
   jax.jvp(lambda x: loss(x, w), (x,), (x,))  # plain lax: forward mode works
-  monkeypatch.setenv("FPDM_CONV_CPU_GRADIENTS", "1")
+  monkeypatch.setenv(convolution.ENV_OPT_OUT, "1")
   assert _tap_matmuls(lambda w: loss(x, w), w) == 9
   assert _dilated_convs(lambda x: loss(x, w), x) == 0
 

@@ -6,6 +6,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
 
 from fpdm_jax import xla_cpu_flags
@@ -24,6 +25,18 @@ def test_with_defaults_appends_missing_flags_and_keeps_the_users():
   # Taking them out again (what benchmarks.convolution's "XLA default" child needs).
   assert xla_cpu_flags.without_defaults(once) == "--xla_force_host_platform_device_count=8"
   assert xla_cpu_flags.without_defaults(xla_cpu_flags.with_defaults("")) == ""
+
+
+def test_opt_out_words(monkeypatch):
+  for value, off in (("0", True), ("off", True), (" False ", True), ("no", True),
+                     ("1", False), ("on", False), ("", False)):
+    monkeypatch.setenv("FPDM_TEST_SWITCH", value)
+    assert xla_cpu_flags.opted_out("FPDM_TEST_SWITCH") is off, value
+  monkeypatch.delenv("FPDM_TEST_SWITCH")
+  assert xla_cpu_flags.opted_out("FPDM_TEST_SWITCH") is False
+  monkeypatch.setenv("FPDM_TEST_SWITCH", "maybe")
+  with pytest.raises(ValueError, match="FPDM_TEST_SWITCH='maybe'"):
+    xla_cpu_flags.opted_out("FPDM_TEST_SWITCH")
 
 
 def test_import_added_the_flag_and_xla_keeps_convolutions_out_of_ynnpack():

@@ -31,11 +31,14 @@ that or to measure what they change.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from fpdm_jax import xla_cpu_flags
+
+ENV_OPT_OUT = "FPDM_CONV_CPU_GRADIENTS"
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Per-tap kernel gradients for 3x3 kernels and smaller. A 16x16 patchify conv
@@ -65,7 +68,7 @@ def _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers
                 feature_group_count, batch_group_count, kwargs) -> bool:
   """A CPU, NHWC x HWIO, ungrouped, undilated conv with explicit padding."""
   return (jax.default_backend() == "cpu"
-          and os.environ.get("FPDM_CONV_CPU_GRADIENTS", "1") != "0"
+          and not xla_cpu_flags.opted_out(ENV_OPT_OUT)
           and lhs.ndim == 4
           and feature_group_count == 1 and batch_group_count == 1
           and not isinstance(padding, str)
