@@ -32,7 +32,7 @@ import sys
 import time
 
 from benchmarks import common as bc
-from fpdm_jax import host_memory, xla_cpu_flags
+from fpdm_jax import xla_cpu_flags
 
 MODULE = "benchmarks.convolution"
 # (label, batch, height = width, C_in, C_out, stride): where they occur.
@@ -159,7 +159,6 @@ def main(argv=None) -> int:
   p.add_argument("--run-one", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.run_one:
-    host_memory.apply_if_cpu()  # as fpdm_jax's entry points do
     import json
     print(json.dumps(run_one(json.loads(args.run_one))), flush=True)
     return 0

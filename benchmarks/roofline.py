@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 from benchmarks import common as bc
-from fpdm_jax import host_memory
 
 MODULE = "benchmarks.roofline"
 
@@ -143,7 +142,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = make_parser().parse_args(argv)
-  host_memory.apply_if_cpu()  # as fpdm_jax's entry points do
   quick = dict(config="tiny", batch=1, matmul_size=1024, repeats=2)
   full = dict(config="medium", batch=8, matmul_size=2048, repeats=5)
   for k, v in (quick if args.quick else full).items():

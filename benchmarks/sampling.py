@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 
 from benchmarks import common as bc
-from fpdm_jax import host_memory
 
 MODULE = "benchmarks.sampling"
 
@@ -189,7 +188,6 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = make_parser().parse_args(argv)
   if args.run_one:
-    host_memory.apply_if_cpu()  # as fpdm_jax's entry points do
     print(json.dumps(run_one(json.loads(args.run_one)), default=str), flush=True)
     return 0
   quick = dict(cases=["tiny-b1"], steps=4, repeats=1)

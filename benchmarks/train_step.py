@@ -64,7 +64,6 @@ import time
 from pathlib import Path
 
 from benchmarks import common as bc
-from fpdm_jax import host_memory
 
 MODULE = "benchmarks.train_step"
 CLIP_CASE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
@@ -582,7 +581,6 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = make_parser().parse_args(argv)
   if args.run_one:
-    host_memory.apply_if_cpu()  # as fpdm_jax's entry points do
     import json
     print(json.dumps(run_one(json.loads(args.run_one)), default=str), flush=True)
     return 0

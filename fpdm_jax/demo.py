@@ -135,8 +135,6 @@ def main(argv=None) -> int:
 
   from fpdm_jax.train import setup_logging
   setup_logging()
-  from fpdm_jax import host_memory
-  host_memory.apply_if_cpu()
   t0 = time.time()
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)

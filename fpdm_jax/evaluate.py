@@ -308,8 +308,6 @@ def main(argv=None) -> int:
   except (config_lib.ConfigError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  from fpdm_jax import host_memory
-  host_memory.apply_if_cpu()
   try:
     run = evaluate_stage1 if config.stage == "stage1" else evaluate_stage2
     results = run(config, workdir, args)

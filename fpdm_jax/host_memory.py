@@ -2,30 +2,35 @@
 
 Why: XLA:CPU mallocs each execution's temporaries and outputs and frees them
 when the execution ends: 605 MiB of temporaries for the small UNet's train
-step at batch 8, 1.6 GiB for the medium one. glibc serves any allocation above
-its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and gives it back
-with ``munmap`` on free, so on every step the kernel has to fault in and zero
-those pages again, one 4 KiB page at a time. On this project's 2-core machine
-that was most of the time of a large elementwise op (doubling a 32 MiB array:
-21 ms, 3.4 ms with the settings below) and a quarter of the medium UNet's
-batch-8 train step (5.7 s -> 4.1 s; benchmarks/README.md, finding 13).
+step at batch 8, 1.6 GiB for the medium one. The execution runs on one of
+XLA's worker threads, and glibc serves a large block on a worker thread's
+arena with a fresh ``mmap`` (any block over its mmap threshold, at most 32
+MiB; and always beyond 64 MiB there) that it ``munmap``\\s again on free. So
+on every step the kernel faulted in and zeroed all of it again, 4 KiB at a
+time: 204k page faults per small b8 step, whose JAX time went from 1.58 s to
+1.25 s with the settings below and no faults at all (benchmarks/README.md,
+finding 13).
 
-``M_MMAP_MAX=0`` makes glibc serve large blocks from its heap instead, and a
-high ``M_TRIM_THRESHOLD`` keeps freed heap memory in the process, so the next
-step reuses pages that are already mapped. The cost: the process's resident
-memory stays at its peak instead of shrinking between steps (the peak itself
-moved by under 3 % in the same measurement).
+The settings: one arena for all threads (``M_ARENA_MAX=1``, so XLA's workers
+allocate from the main heap), no mmap for large blocks (``M_MMAP_MAX=0``), and
+freed memory kept (a high ``M_TRIM_THRESHOLD``), so the next step reuses
+pages that are already mapped. The cost: resident memory stays at its peak
+instead of shrinking between steps, and threads share one malloc lock.
 
-Only the CPU backend runs its steps in host memory, so ``apply_if_cpu`` (what
-the entry points call, after JAX has chosen its backend) does nothing on
-GPU/TPU hosts. Neither does anything without glibc, when ``MALLOC_MMAP_MAX_``
-or ``MALLOC_TRIM_THRESHOLD_`` is already set (your choice wins), or with
-``FPDM_CPU_MALLOC_DEFAULTS=0``. Settings apply to the calling process's main
-arena, the one a step launched from Python's main thread allocates in.
+When: ``M_ARENA_MAX`` only binds threads that have not allocated yet, so this
+runs when ``fpdm_jax`` is imported, before JAX starts its thread pools, and
+only where JAX can compute on nothing but the CPU (``JAX_PLATFORMS`` is cpu,
+or no GPU/TPU plugin is installed): on accelerator hosts the steps run in
+device memory and the host keeps glibc's defaults. Nothing happens without
+glibc, when any of ``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``,
+``MALLOC_TRIM_THRESHOLD_`` is set (your settings win), or with
+``FPDM_CPU_MALLOC_DEFAULTS=0``.
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
 import logging
 import os
 
@@ -36,11 +41,13 @@ ENV_OPT_OUT = "FPDM_CPU_MALLOC_DEFAULTS"
 # mallopt parameter numbers from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
-# mallopt's value is a C int; ~2 GiB of free memory at the top of the heap is
-# more than any step here frees, and glibc still trims beyond it.
+M_ARENA_MAX = -8
 SETTINGS = (
     # (mallopt parameter, value, the environment variable glibc reads for it)
+    (M_ARENA_MAX, 1, "MALLOC_ARENA_MAX"),
     (M_MMAP_MAX, 0, "MALLOC_MMAP_MAX_"),
+    # mallopt takes a C int: glibc still trims beyond ~2 GiB of free memory
+    # at the top of the heap, more than any step here frees.
     (M_TRIM_THRESHOLD, 2**31 - 1, "MALLOC_TRIM_THRESHOLD_"),
 )
 
@@ -58,11 +65,25 @@ def _glibc():
   return libc if hasattr(libc, "mallopt") else None
 
 
+def cpu_only() -> bool:
+  """Whether JAX can only compute on the CPU in this process, known without
+  starting JAX: ``JAX_PLATFORMS`` names only cpu, or it is unset and no
+  accelerator plugin (a ``jax_plugins`` package or entry point, libtpu) is
+  installed for JAX to find."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return all(p.strip() == "cpu" for p in platforms.split(","))
+  if importlib.util.find_spec("libtpu") or importlib.util.find_spec("jax_plugins"):
+    return False
+  return not list(importlib.metadata.entry_points(group="jax_plugins"))
+
+
 def apply() -> bool:
   """Set the malloc parameters above in this process; True if glibc took them.
 
-  Idempotent. Skipped (False) when opted out, without glibc, or when the
-  environment already sets either parameter for glibc.
+  Idempotent. Skipped (False) when opted out, without glibc, when the
+  environment already sets any of the parameters, or when an accelerator
+  may be used (``cpu_only``).
   """
   global _applied
   if _applied:
@@ -70,11 +91,9 @@ def apply() -> bool:
   if xla_cpu_flags.opted_out(ENV_OPT_OUT):
     return False
   if any(env in os.environ for _, _, env in SETTINGS):
-    logging.info("host_memory: %s set in the environment; leaving malloc as it is",
-                 " / ".join(env for _, _, env in SETTINGS if env in os.environ))
     return False
   libc = _glibc()
-  if libc is None:
+  if libc is None or not cpu_only():
     return False
   ok = all(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1
            for param, value, _ in SETTINGS)
@@ -83,10 +102,3 @@ def apply() -> bool:
                     "spend time in page faults (see fpdm_jax/host_memory.py)")
   _applied = ok
   return ok
-
-
-def apply_if_cpu() -> bool:
-  """``apply()`` when JAX computes on the CPU (initialises JAX's backends, so
-  call it after ``jax.distributed.initialize``)."""
-  import jax
-  return jax.default_backend() == "cpu" and apply()

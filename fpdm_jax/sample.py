@@ -128,8 +128,7 @@ def main(argv=None) -> int:
 
   import jax
   import numpy as np
-  from fpdm_jax import host_memory, input_pipeline, sampling, sharding, visualize
-  host_memory.apply_if_cpu()
+  from fpdm_jax import input_pipeline, sampling, sharding, visualize
   from fpdm_jax.trainers import loop
   with config.unlocked():
     if args.steps:

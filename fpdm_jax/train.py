@@ -82,8 +82,7 @@ def main(argv=None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  from fpdm_jax import feature_cache, host_memory
-  host_memory.apply_if_cpu()
+  from fpdm_jax import feature_cache
   from fpdm_jax.trainers import common, loop
   try:
     summary = loop.train_and_evaluate(config, args.workdir)
