@@ -319,4 +319,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from fpdm_jax import host_memory
+  host_memory.reexec_with_malloc_tunables()  # before JAX starts; see its docstring
   sys.exit(main())
