@@ -96,6 +96,8 @@ def wanted_environment() -> dict[str, str] | None:
   version = glibc_version()
   if version is None or version < MIN_GLIBC or not sys.platform.startswith("linux"):
     return None
+  if not sys.executable:  # an embedded interpreter: nothing to re-execute
+    return None
   current = os.environ.get("GLIBC_TUNABLES", "")
   wanted = with_tunables(current)
   if wanted == current or not cpu_only():
