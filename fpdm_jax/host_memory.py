@@ -83,9 +83,10 @@ def cpu_only() -> bool:
 def with_tunables(glibc_tunables: str, tunables: dict[str, str] = TUNABLES) -> str:
   """``glibc_tunables`` (``name=value:name=value``) plus every tunable of ours
   it does not already set."""
-  present = {item.split("=", 1)[0] for item in glibc_tunables.split(":") if item}
-  extra = [f"{name}={value}" for name, value in tunables.items() if name not in present]
-  return ":".join([item for item in glibc_tunables.split(":") if item] + extra)
+  items = [item for item in glibc_tunables.split(":") if item]
+  present = {item.split("=", 1)[0] for item in items}
+  return ":".join(items + [f"{name}={value}" for name, value in tunables.items()
+                           if name not in present])
 
 
 def wanted_environment() -> dict[str, str] | None:
@@ -109,11 +110,17 @@ def reexec_with_malloc_tunables() -> None:
   """Replaces this process with the same command run under ``TUNABLES``,
   unless it already runs under them or they do not apply. Call it first thing
   in a ``__main__`` block, before JAX starts: everything done before is lost.
-  Never returns when it re-executes; the second run finds the tunables set."""
+  Never returns when it re-executes; the second run finds the tunables set.
+  If the re-exec itself fails, warns and returns: the run goes on without."""
   env = wanted_environment()
   if env is None:
     return
   logging.debug("host_memory: re-executing with GLIBC_TUNABLES=%s", env["GLIBC_TUNABLES"])
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+  except OSError as e:  # the run itself is still fine, just without the tunables
+    logging.warning("host_memory: could not re-execute %s with GLIBC_TUNABLES (%s); "
+                    "continuing with glibc's malloc defaults (slower CPU steps). Set "
+                    "FPDM_CPU_MALLOC_DEFAULTS=0 to skip this attempt.", sys.executable, e)

@@ -110,3 +110,17 @@ def test_cpu_only_reads_jax_platforms(monkeypatch):
   for value, cpu in (("cpu", True), ("cpu, cpu", True), ("tpu", False), ("cuda,cpu", False)):
     monkeypatch.setenv("JAX_PLATFORMS", value)
     assert host_memory.cpu_only() is cpu, value
+
+
+@needs_glibc
+def test_a_failed_reexec_warns_and_the_run_goes_on(monkeypatch, caplog):
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  monkeypatch.delenv(host_memory.ENV_OPT_OUT, raising=False)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+
+  def refuse(*args):
+    raise PermissionError("not executable")
+
+  monkeypatch.setattr(os, "execve", refuse)
+  host_memory.reexec_with_malloc_tunables()
+  assert "could not re-execute" in caplog.text and "not executable" in caplog.text
