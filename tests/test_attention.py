@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fpdm_jax.models import attention
 
@@ -23,15 +24,17 @@ def test_cpu_path_matches_jax_dot_product_attention():
   np.testing.assert_allclose(np.asarray(bf, np.float32), want, atol=5e-2)
 
 
-def test_cpu_path_gradients_match_autodiff_of_the_reference():
+@pytest.mark.parametrize("queries", [17, attention.TRANSPOSED_FORM_MIN_QUERIES + 3])
+def test_cpu_path_gradients_match_autodiff_of_the_reference(queries):
   """The CPU path's hand-written backward against jax.nn.dot_product_attention's
   autodiff: cross-attention (keys shorter than queries), with and without a
-  mask, several heads."""
+  mask, several heads; below and above the query count where dK and dV switch
+  to their transposed form."""
   rng = np.random.default_rng(1)
-  q = jnp.asarray(rng.normal(size=(2, 17, 3, 8)), jnp.float32)
+  q = jnp.asarray(rng.normal(size=(2, queries, 3, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, 9, 3, 8)), jnp.float32) for _ in range(2))
-  mask = jnp.asarray(rng.random((2, 1, 17, 9)) > 0.3).at[..., 0].set(True)
-  w = jnp.asarray(rng.normal(size=(2, 17, 3, 8)), jnp.float32)
+  mask = jnp.asarray(rng.random((2, 1, queries, 9)) > 0.3).at[..., 0].set(True)
+  w = jnp.asarray(rng.normal(size=(2, queries, 3, 8)), jnp.float32)
   for m in (None, mask):
     loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, m)) * w)
     want = jax.grad(loss(lambda q, k, v, m: jax.nn.dot_product_attention(

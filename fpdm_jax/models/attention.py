@@ -77,13 +77,35 @@ def _attention_bwd(res, do):
   dS = P * (dO V^T - rowsum(dO * O)). XLA's autodiff of the forward took
   twice as long for one head of 1024 tokens on CPU (100 vs 55 ms at batch 8)."""
   q, k, v, mask, p, o = res
-  dv = jnp.einsum("gqk,gqd->gkd", p.astype(do.dtype), do)
+  dv = _sum_over_queries(p.astype(do.dtype), do)
   dp = jnp.einsum("gqd,gkd->gqk", do, v, preferred_element_type=jnp.float32)
   rows = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
   ds = (p * (dp - rows)).astype(q.dtype)  # zero where masked, since p is
   dq = jnp.einsum("gqk,gkd->gqd", ds, k)
-  dk = jnp.einsum("gqk,gqd->gkd", ds, q)
+  dk = _sum_over_queries(ds, q)
   return dq, dk, dv, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+# From this many queries on, _sum_over_queries takes the transposed form.
+# Below it the two forms were within noise of each other (benchmarks/README.md,
+# finding 15).
+TRANSPOSED_FORM_MIN_QUERIES = 256
+
+
+def _sum_over_queries(w, x):
+  """sum_q w[g, q, k] x[g, q, d] -> [g, k, d]: dV = P^T dO and dK = dS^T Q.
+
+  Written plainly, this dot contracts dimension 1 of both operands, and
+  XLA:CPU hands that form to its Eigen kernels, not to YNNPACK: at 1024 queries
+  it took 37 ms where the same FLOPs as a plain batched matmul take 6 ms.
+  Computing the transposed result x^T w -> [g, d, k] instead keeps it in
+  YNNPACK; the optimisation barrier is what stops XLA's simplifier from folding
+  the final swap back into the dot (which would give the slow form again).
+  The swap itself moves only the small [g, d, k] array. One 1024-token head at
+  batch 8, forward and backward: 111 -> 76 ms (torch's SDPA: 81 ms).
+  """
+  if x.shape[1] < TRANSPOSED_FORM_MIN_QUERIES:
+    return jnp.einsum("gqk,gqd->gkd", w, x)
+  return jnp.swapaxes(jax.lax.optimization_barrier(jnp.einsum("gqd,gqk->gdk", x, w)), 1, 2)
