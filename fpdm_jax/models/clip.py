@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from fpdm_jax.models import dense
 from fpdm_jax.models.attention import dot_product_attention
 from fpdm_jax.models.dinov2 import activation, interpolate_patch_positions, run_layers
 
@@ -153,10 +154,10 @@ class CLIPAttention(nnx.Module):
     self.heads = cfg.num_attention_heads
     d = cfg.hidden_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = nnx.Linear(d, d, **kw)
-    self.k_proj = nnx.Linear(d, d, **kw)
-    self.v_proj = nnx.Linear(d, d, **kw)
-    self.out_proj = nnx.Linear(d, d, **kw)
+    self.q_proj = dense.linear(d, d, **kw)
+    self.k_proj = dense.linear(d, d, **kw)
+    self.v_proj = dense.linear(d, d, **kw)
+    self.out_proj = dense.linear(d, d, **kw)
 
   def __call__(self, x):
     b, t, d = x.shape
@@ -170,8 +171,8 @@ class CLIPMLP(nnx.Module):
   def __init__(self, cfg: CLIPVisionConfig, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.act = activation(cfg.hidden_act)
-    self.fc1 = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-    self.fc2 = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+    self.fc1 = dense.linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+    self.fc2 = dense.linear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
   def __call__(self, x):
     return self.fc2(self.act(self.fc1(x)))
@@ -225,7 +226,7 @@ class CLIPVisionModelWithProjection(nnx.Module):
                param_dtype: Dtype = jnp.float32):
     self.config = cfg
     self.vision_model = CLIPVisionTransformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.visual_projection = nnx.Linear(cfg.hidden_size, cfg.projection_dim, use_bias=False,
+    self.visual_projection = dense.linear(cfg.hidden_size, cfg.projection_dim, use_bias=False,
                                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, images: jax.Array, *, interpolate_pos_encoding: bool = False

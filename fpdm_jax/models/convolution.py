@@ -25,8 +25,9 @@ The forward is always XLA's, and on GPU/TPU nothing changes: the custom
 gradient is used only when JAX's default backend is the CPU. Like any
 ``jax.custom_vjp`` it has no forward-mode rule, so ``jax.jvp`` through these
 convolutions fails on the CPU (nothing in fpdm_jax uses forward mode);
-``FPDM_CONV_CPU_GRADIENTS=0`` in the environment turns both rules off, for
-that or to measure what they change.
+``FPDM_CONV_CPU_GRADIENTS=0`` in the environment turns both rules off (and
+``models.dense``'s kernel-gradient rule with them), for that or to measure
+what they change.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fpdm_jax.models import convolution
+from fpdm_jax.models import convolution, dense
 from fpdm_jax.models.attention import dot_product_attention
 
 Dtype = jnp.dtype
@@ -60,8 +60,8 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding=Non
 
 def linear(in_f: int, out_f: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
            rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(in_f, out_f, use_bias=use_bias, dtype=dtype,
-                    param_dtype=jnp.float32, rngs=rngs)
+  return dense.linear(in_f, out_f, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                      rngs=rngs)
 
 
 def group_norm(channels: int, groups: int, eps: float, *, dtype: Dtype = jnp.float32,

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from fpdm_jax.models import dense
 from fpdm_jax.models.attention import dot_product_attention
 
 Dtype = Any
@@ -263,10 +264,10 @@ class Dinov2Attention(nnx.Module):
     self.heads = cfg.num_attention_heads
     d = cfg.hidden_size
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = nnx.Linear(d, d, use_bias=cfg.qkv_bias, **kw)
-    self.k_proj = nnx.Linear(d, d, use_bias=cfg.qkv_bias, **kw)
-    self.v_proj = nnx.Linear(d, d, use_bias=cfg.qkv_bias, **kw)
-    self.o_proj = nnx.Linear(d, d, **kw)
+    self.q_proj = dense.linear(d, d, use_bias=cfg.qkv_bias, **kw)
+    self.k_proj = dense.linear(d, d, use_bias=cfg.qkv_bias, **kw)
+    self.v_proj = dense.linear(d, d, use_bias=cfg.qkv_bias, **kw)
+    self.o_proj = dense.linear(d, d, **kw)
 
   def __call__(self, x):
     b, t, d = x.shape
@@ -280,8 +281,8 @@ class Dinov2MLP(nnx.Module):
   def __init__(self, cfg: Dinov2Config, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.act = activation(cfg.hidden_act)
-    self.fc1 = nnx.Linear(cfg.hidden_size, cfg.mlp_hidden_size, **kw)
-    self.fc2 = nnx.Linear(cfg.mlp_hidden_size, cfg.hidden_size, **kw)
+    self.fc1 = dense.linear(cfg.hidden_size, cfg.mlp_hidden_size, **kw)
+    self.fc2 = dense.linear(cfg.mlp_hidden_size, cfg.hidden_size, **kw)
 
   def __call__(self, x):
     return self.fc2(self.act(self.fc1(x)))
@@ -292,9 +293,9 @@ class Dinov2SwiGLUFFN(nnx.Module):
 
   def __init__(self, cfg: Dinov2Config, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.gate_proj = nnx.Linear(cfg.hidden_size, cfg.mlp_hidden_size, **kw)
-    self.up_proj = nnx.Linear(cfg.hidden_size, cfg.mlp_hidden_size, **kw)
-    self.down_proj = nnx.Linear(cfg.mlp_hidden_size, cfg.hidden_size, **kw)
+    self.gate_proj = dense.linear(cfg.hidden_size, cfg.mlp_hidden_size, **kw)
+    self.up_proj = dense.linear(cfg.hidden_size, cfg.mlp_hidden_size, **kw)
+    self.down_proj = dense.linear(cfg.mlp_hidden_size, cfg.hidden_size, **kw)
 
   def __call__(self, x):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

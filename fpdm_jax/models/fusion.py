@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fpdm_jax.models import dense
 from fpdm_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 
@@ -34,7 +35,7 @@ class Combiner(nnx.Module):
 
   def __init__(self, dim: int = 768, *, dropout: float = 0.5, dtype=jnp.float32,
                rngs: nnx.Rngs):
-    lin = lambda i, o: nnx.Linear(i, o, dtype=dtype, rngs=rngs)
+    lin = lambda i, o: dense.linear(i, o, dtype=dtype, rngs=rngs)
     self.pose_projection = lin(dim, dim)
     self.image_projection = lin(dim, dim)
     self.combiner_layer = lin(2 * dim, dim)
@@ -95,9 +96,9 @@ class SourceProjection(nnx.Module):
 
   def __init__(self, in_dim: int = 1024, context_dim: int = 1024, hidden: int = 768, *,
                dropout: float = 0.2, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.linear_1 = nnx.Linear(in_dim, hidden, dtype=dtype, rngs=rngs)
+    self.linear_1 = dense.linear(in_dim, hidden, dtype=dtype, rngs=rngs)
     self.norm = nnx.LayerNorm(hidden, epsilon=1e-5, dtype=dtype, rngs=rngs)
-    self.linear_2 = nnx.Linear(hidden, context_dim, dtype=dtype, rngs=rngs)
+    self.linear_2 = dense.linear(hidden, context_dim, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, tokens: jax.Array, *, deterministic: bool = True, rngs=None) -> jax.Array:
