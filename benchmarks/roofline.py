@@ -10,6 +10,12 @@
    ``jitted.lower(...).compile().cost_analysis()["flops"]`` (XLA's count: convolutions,
    dots and elementwise ops of forward, backward and the update).
 3. Achieved FLOP/s = flops / median step time, and its fraction of the matmul rate.
+4. Paired (without --from-train-step): after every timed step, three more jnp.dot
+   calls give the matmul rate of that minute, and each step's achieved FLOP/s is
+   divided by it; the median of those per-step fractions is reported too. This
+   machine's speed drifts by up to 1.5x within minutes (both the step and the
+   matmul slow down together), which moves a fraction of two medians taken
+   minutes apart by as much.
 
 Warm-up and compilation are excluded from timing (compile time reported).
 """
@@ -86,19 +92,47 @@ def run(args) -> dict:
   first = time.perf_counter() - t
   for _ in range(args.warmup - 1):
     step()
-  times = []
+  dot = _jax_matmul(args.matmul_size)
+  times, between = [], []
   for _ in range(args.repeats):
     t = time.perf_counter()
     step()
     times.append(time.perf_counter() - t)
+    between.append(2.0 * args.matmul_size ** 3 / statistics.median(_timed(dot, 3)))
   mm_after = matmul_rates(args.matmul_size, max(3, args.matmul_repeats // 2))
   st = bc.summarize(times)
   achieved = info["flops"] / st["median_s"] if info.get("flops") else None
   peak = mm["jax"]["flops_per_s"]
+  paired = ([info["flops"] / t / rate for t, rate in zip(times, between)]
+            if info.get("flops") else None)
   return {"matmul": mm, "matmul_after": mm_after, "step": st, "first_step_s": first,
           "info": info, "achieved_flops_per_s": achieved,
           "fraction_of_matmul": achieved / peak if achieved else None,
+          "matmul_between_steps_flops_per_s": between,
+          "paired_fractions": paired,
+          "paired_fraction_median": statistics.median(paired) if paired else None,
           "loadavg_at_end": os.getloadavg()}
+
+
+def _jax_matmul(n: int):
+  """A compiled N x N x N float32 jnp.dot, as a no-argument call that blocks."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(1)
+  a, b = (jnp.asarray(rng.standard_normal((n, n), np.float32)) for _ in range(2))
+  f = jax.jit(jnp.dot).lower(a, b).compile()
+  bc.block(f(a, b))
+  return lambda: bc.block(f(a, b))
+
+
+def _timed(fn, repeats: int) -> list[float]:
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return times
 
 
 def table(r: dict, args) -> str:
@@ -116,6 +150,10 @@ def table(r: dict, args) -> str:
           f"({r['step']['min_s']:.3f}–{r['step']['max_s']:.3f}) |",
           f"| achieved GFLOP/s | {g(r['achieved_flops_per_s'])} |",
           f"| fraction of the jnp.dot rate | {100 * r['fraction_of_matmul']:.1f} % |",
+          *([f"| paired: median over steps of (step's FLOP/s / jnp.dot rate right after it) | "
+             f"{100 * r['paired_fraction_median']:.1f} % "
+             f"({100 * min(r['paired_fractions']):.1f}–{100 * max(r['paired_fractions']):.1f}) |"]
+            if r.get("paired_fractions") else []),
           f"| compile s | {r['info']['compile_s']:.1f} |"]
   return "\n".join(rows)
 
