@@ -49,11 +49,16 @@ class PairDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   # -- TFDS -----------------------------------------------------------------
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
+    info = self.dataset_info_from_configs(
         features=pairs.pair_features(self.builder_config.height,
                                      self.builder_config.width, self.PHOTO_FORMAT),
         disable_shuffling=True,  # record i is pair i; training shuffles in Grain
     )
+    # TFDS looks a not-yet-built dataset up in its public GCS bucket, and makes
+    # an empty /tmp/tmp*tfds directory for that on every builder it creates,
+    # which it never removes. Ours are never in that bucket.
+    info.initialize_from_bucket = lambda: None
+    return info
 
   @property
   def staging_dir(self) -> Path:

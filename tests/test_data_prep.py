@@ -1,6 +1,7 @@
 """Dataset builders: both DeepFashion layouts, every bad-input reason,
 resumable builds, and the synthetic dataset's determinism."""
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -82,11 +83,15 @@ def test_missing_pair_file_is_a_clear_error(tmp_path, capsys):
   assert "train_pairs_data.json" in capsys.readouterr().err
 
 
-def test_cfld_layout(tmp_path):
+def test_cfld_layout(tmp_path, monkeypatch):
   root = tmp_path / "src"
   info = fx.make_cfld_layout(root, num_train=3, num_test=2)
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
   run_build("deepfashion", "--src", str(root), "--data-dir", str(tmp_path / "out"),
             "--layout", "cfld", "--image-size", "64x48", "--workers", "1")
+  assert not list(temp.glob("*tfds*"))  # TFDS's GCS lookup leaves none behind
   records = read_split(tmp_path / "out", "deepfashion/cfld_64x48", "test")
   assert len(records) == 2
   name = info["test"][1][1]
