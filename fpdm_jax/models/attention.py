@@ -98,13 +98,18 @@ def _sum_over_queries(w, x):
   """sum_q w[g, q, k] x[g, q, d] -> [g, k, d]: dV = P^T dO and dK = dS^T Q.
 
   Written plainly, this dot contracts dimension 1 of both operands, and
-  XLA:CPU hands that form to its Eigen kernels, not to YNNPACK: at 1024 queries
-  it took 37 ms where the same FLOPs as a plain batched matmul take 6 ms.
-  Computing the transposed result x^T w -> [g, d, k] instead keeps it in
-  YNNPACK; the optimisation barrier is what stops XLA's simplifier from folding
-  the final swap back into the dot (which would give the slow form again).
-  The swap itself moves only the small [g, d, k] array. One 1024-token head at
-  batch 8, forward and backward: 111 -> 76 ms (torch's SDPA: 81 ms).
+  XLA:CPU hands it to its Eigen kernels, not to YNNPACK: at 1024 queries,
+  batch 8, it took 29-37 ms where the same FLOPs as a plain batched matmul
+  take 6 ms. The transposed result x^T w -> [g, d, k] is still Eigen's, but
+  in a form it runs in 11.5 ms; the optimisation barrier is what stops XLA's
+  simplifier from folding the final swap back into the dot (which would give
+  the slow form again), and the swap moves only the small [g, d, k] array.
+  One 1024-token head at batch 8, forward and backward: 114.9 -> 75.0 ms
+  (torch's SDPA: 93.9 ms; ``python -m benchmarks.attention``).
+
+  ``TRANSPOSED_FORM_MIN_QUERIES`` is read when the backward is traced, and JAX
+  caches that trace: to compare the two forms in one process, change it and
+  call ``jax.clear_caches()`` before compiling again.
   """
   if x.shape[1] < TRANSPOSED_FORM_MIN_QUERIES:
     return jnp.einsum("gqk,gqd->gkd", w, x)
