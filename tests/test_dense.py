@@ -11,6 +11,12 @@ from fpdm_jax.models import clip, convolution, dense, diffusers_blocks
 PLAIN = (((2,), (0,)), ((), ()))
 
 
+@pytest.fixture(autouse=True)
+def one_cpu_device(monkeypatch):
+  """The suite simulates 8 CPU devices; the rule is for one-device processes."""
+  monkeypatch.setattr(dense, "single_cpu_device", lambda: True)
+
+
 def _barriers(fn, *args) -> int:
   """optimization_barrier equations in the jaxpr of ``jax.grad(fn)``: the
   custom kernel gradient has one, autodiff of lax.dot_general none."""
@@ -69,3 +75,10 @@ def test_model_linears_use_it():
   for layer in layers:
     graphdef, params = nnx.split(layer)
     assert _barriers(lambda p: nnx.merge(graphdef, p)(jnp.ones((2, 3, 8))).sum(), params) == 1
+
+
+def test_off_with_several_devices(monkeypatch):
+  monkeypatch.undo()  # the suite's 8 simulated CPU devices
+  assert not dense.single_cpu_device()
+  x, w = jnp.ones((2, 3, 8)), jnp.ones((8, 4))
+  assert _barriers(lambda w: dense.dot_general(x, w, PLAIN).sum(), w) == 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fpdm_jax.models import dense
+
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           upcast: bool = False, mask: jax.Array | None = None,
@@ -111,6 +113,6 @@ def _sum_over_queries(w, x):
   caches that trace: to compare the two forms in one process, change it and
   call ``jax.clear_caches()`` before compiling again.
   """
-  if x.shape[1] < TRANSPOSED_FORM_MIN_QUERIES:
+  if x.shape[1] < TRANSPOSED_FORM_MIN_QUERIES or not dense.single_cpu_device():
     return jnp.einsum("gqk,gqd->gkd", w, x)
   return jnp.swapaxes(jax.lax.optimization_barrier(jnp.einsum("gqd,gqk->gdk", x, w)), 1, 2)

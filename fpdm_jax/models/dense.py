@@ -11,7 +11,8 @@ operands keeps that rewrite from reaching them, so the dot XLA compiles is the
 plain one.
 
 The forward and the input gradient are XLA's own; on GPU/TPU nothing changes
-(the custom gradient is used only when JAX's default backend is the CPU).
+(the custom gradient is used only in a one-device CPU process,
+``single_cpu_device``).
 ``FPDM_CONV_CPU_GRADIENTS=0`` turns this off together with the convolution
 rules of ``models.convolution``, to measure what they change.
 """
@@ -33,13 +34,26 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
   """``lax.dot_general`` (the signature ``nnx.Linear`` calls), with the CPU
   kernel gradient of the module docstring for a plain ``x[..., K] @ W[K, M]``."""
   (lc, rc), (lb, rb) = dimension_numbers
-  if (jax.default_backend() == "cpu"
+  if (single_cpu_device()
       and not xla_cpu_flags.opted_out(convolution.ENV_OPT_OUT)
       and rhs.ndim == 2 and tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,)
       and not lb and not rb and preferred_element_type is None and out_sharding is None):
     return _dense(lhs, rhs, precision)
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                          preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+
+
+def single_cpu_device() -> bool:
+  """Where the CPU dot-form rules (this module's, and the attention's
+  transposed dK/dV) apply: a one-device CPU process.
+
+  Why not several CPU devices (only test set-ups simulate them): a sharded
+  8-device stage-1 step with the barrier, compiled into JAX's persistent
+  compilation cache by one process, aborted the next process that loaded it
+  (jaxlib 0.10.2; not root-caused). One device is what CPU users run, and
+  the benchmarks measure.
+  """
+  return jax.default_backend() == "cpu" and jax.device_count() == 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
