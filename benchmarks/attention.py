@@ -41,7 +41,6 @@ CASES = [
     ("small UNet, 32x32, b1", 1, 1024, 1024, 1, 32),
 ]
 QUICK = [("small UNet, 16x16, b1", 1, 256, 256, 2, 32), ("cross-attention, b1", 1, 300, 16, 1, 32)]
-COLUMNS = ("plain", "fpdm", "torch")
 
 
 def _interleaved_medians_ms(calls: dict, repeats: int) -> dict:
