@@ -1,5 +1,6 @@
-"""The model convolution's CPU gradients: per-tap kernel gradients at batch 1,
-space-to-depth input gradients of thin stride-2 convs.
+"""The model convolution's CPU rules: per-tap kernel gradients at batch 1,
+space-to-depth input gradients of thin stride-2 convs, tap-sum forwards of
+RGB-input convs at large image sizes.
 
 The values must be what autodiff of ``lax.conv_general_dilated`` gives (to
 float32 summation order), and each rule must really be the one taken where it
@@ -96,6 +97,64 @@ def test_space_to_depth_matches_the_stride2_conv(kernel, size, padding):
                       w) == 0
 
 
+def _forward_convs(f, *args) -> int:
+  """How many convolutions the forward of ``f`` contains."""
+  return str(jax.make_jaxpr(f)(*args)).count("conv_general_dilated")
+
+
+@pytest.mark.parametrize("size,stride,channels,padding", [
+    ((64, 64), 1, (3, 8), ((1, 1), (1, 1))),    # small pose embedding conv_in
+    ((64, 66), 1, (3, 16), ((1, 1), (1, 1))),   # FPDM's, non-square
+    ((129, 130), 2, (4, 32), ((0, 1), (1, 0))),  # strided, uneven padding
+])
+def test_tap_sum_forward_matches_lax_conv(size, stride, channels, padding):
+  cin, cout = channels
+  rng = np.random.default_rng(cout)
+  x = jnp.asarray(rng.normal(size=(2, *size, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)), jnp.float32)
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+  conv = lambda f, x, w: f(x, w, (stride, stride), padding, dimension_numbers=dn)  # noqa: E731
+
+  want = conv(lax.conv_general_dilated, x, w)
+  got = jax.jit(conv, static_argnums=0)(convolution.conv_general_dilated, x, w)
+  assert got.shape == want.shape and got.dtype == want.dtype
+  np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()))
+  assert _forward_convs(lambda x: conv(convolution.conv_general_dilated, x, w), x) == 0
+
+  # Its gradients are the convolution's own.
+  grad = jax.grad(_loss, argnums=(1, 2))
+  want = grad(lax.conv_general_dilated, x, w, stride, padding, dn)
+  got = jax.jit(grad, static_argnums=(0, 3, 4, 5))(
+      convolution.conv_general_dilated, x, w, stride, padding, dn)
+  for g, r, name in zip(got, want, ("input", "kernel")):
+    np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 32, 3, 8),     # too few pixels
+                                   (2, 64, 64, 8, 8),     # too many input channels
+                                   (2, 64, 64, 3, 64)])   # too many output channels
+def test_tap_sum_forward_only_where_it_is_faster(shape):
+  b, h, wd, cin, cout = shape
+  x = jnp.ones((b, h, wd, cin))
+  w = jnp.ones((3, 3, cin, cout))
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+  assert _forward_convs(lambda x: convolution.conv_general_dilated(
+      x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn), x) == 1
+
+
+def test_tap_sum_forward_in_bfloat16():
+  """Accumulated in float32, returned in the input's dtype, as lax's is."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(1, 64, 64, 3)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 16)), jnp.bfloat16)
+  dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
+  got = convolution.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+  want = lax.conv_general_dilated(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1),
+                                  ((1, 1), (1, 1)), dimension_numbers=dn)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(jnp.float32), want, atol=0.02 * float(abs(want).max()))
+
+
 def test_bfloat16_kernel_gradient_keeps_the_kernel_dtype():
   """Mixed precision: the kernel gradient is accumulated in float32 and comes
   back in the kernel's dtype, as lax's does."""
@@ -143,7 +202,7 @@ def test_other_convolutions_are_lax_unchanged(case):
   assert _dilated_convs(lambda x: ours(x, w), x) == (1 if stride == 2 else 0)
 
 
-def test_environment_switch_turns_both_rules_off(monkeypatch):
+def test_environment_switch_turns_all_rules_off(monkeypatch):
   monkeypatch.setenv(convolution.ENV_OPT_OUT, "off")
   x = jnp.ones((1, 8, 8, 16))
   w = jnp.ones((3, 3, 16, 4))
@@ -155,10 +214,17 @@ def test_environment_switch_turns_both_rules_off(monkeypatch):
 
   assert _tap_matmuls(lambda w: loss(x, w), w) == 0
   assert _dilated_convs(lambda x: loss(x, w), x) == 1
+  rgb, w_rgb = jnp.ones((1, 64, 64, 3)), jnp.ones((3, 3, 3, 8))
+  rgb_conv = lambda x: convolution.conv_general_dilated(  # noqa: E731
+      x, w_rgb, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+  # A fresh lambda per trace: make_jaxpr caches by function, and the switch is
+  # read at trace time.
+  assert _forward_convs(lambda x: rgb_conv(x), rgb) == 1
   jax.jvp(lambda x: loss(x, w), (x,), (x,))  # plain lax: forward mode works
   monkeypatch.setenv(convolution.ENV_OPT_OUT, "1")
   assert _tap_matmuls(lambda w: loss(x, w), w) == 9
   assert _dilated_convs(lambda x: loss(x, w), x) == 0
+  assert _forward_convs(lambda x: rgb_conv(x), rgb) == 0
 
 
 def test_model_convs_use_it():

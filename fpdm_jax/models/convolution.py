@@ -1,8 +1,9 @@
 """The 2-D convolution of the UNet, VAE and pose embedding layers.
 
-It is ``lax.conv_general_dilated``, with two of its gradients written another
-way on XLA:CPU, where XLA's own convolution kernels run them far below the
-machine's matmul rate (benchmarks/README.md, findings 11 and 12):
+It is ``lax.conv_general_dilated``, with two of its gradients and one
+forward written another way on XLA:CPU, where XLA's own convolution kernels
+run them far below the machine's matmul rate (benchmarks/README.md, findings
+11, 12 and 16):
 
 - **Kernel gradient at batch 1.** XLA computes d(loss)/d(kernel) as a
   convolution that contracts over the batch dimension, which at batch 1 has
@@ -21,11 +22,23 @@ machine's matmul rate (benchmarks/README.md, findings 11 and 12):
   gradient is then a plain stride-1 convolution and a reshape (batch 8,
   256x256, 16 -> 32: 124 -> 46 ms). From 64 input channels XLA's is faster.
 
-The forward is always XLA's, and on GPU/TPU nothing changes: the custom
-gradient is used only when JAX's default backend is the CPU. Like any
+And one forward:
+
+- **Few input and output channels at a large image size** (the pose
+  embedding's first conv, RGB -> 8 or 16 channels at 256x256). XLA's kernel
+  runs batch 8, 256x256, 3 -> 8 in 38 ms, torch in 9. Written as the sum of
+  kh * kw * C_in shifted input channels, each times a row of the kernel,
+
+    y[h, w, :] = sum_{i, j, c} x_pad[s*h + i, s*w + j, c] * W[i, j, c, :]
+
+  it is one elementwise loop that XLA fuses with the bias and SiLU after it:
+  6 ms (3 -> 16: 35 -> 10 ms). Its gradients stay the convolution's.
+
+Every other forward is XLA's, and on GPU/TPU nothing changes: these rules
+are used only when JAX's default backend is the CPU. Like any
 ``jax.custom_vjp`` it has no forward-mode rule, so ``jax.jvp`` through these
 convolutions fails on the CPU (nothing in fpdm_jax uses forward mode);
-``FPDM_CONV_CPU_GRADIENTS=0`` in the environment turns both rules off (and
+``FPDM_CONV_CPU_GRADIENTS=0`` in the environment turns all three rules off (and
 ``models.dense``'s kernel-gradient rule with them), for that or to measure
 what they change.
 """
@@ -48,6 +61,13 @@ _MAX_TAPS = 9
 # Space-to-depth input gradients up to 32 input channels: batch 8, 128x128,
 # 32 -> 96 is 60 -> 37 ms that way, but 64x64, 96 -> 256 is 35 -> 47 ms.
 _MAX_S2D_IN_CHANNELS = 32
+# Tap-sum forwards (benchmarks/README.md, finding 16). Batch 8: 256x256, 3 -> 32
+# is 42 -> 23 ms, 3 -> 64 is 57 -> 41 ms, but 8 -> 8 is 22 -> 27 ms and
+# 32x32, 4 -> 32 (a small UNet's conv_in) 0.5 -> 0.7 ms; 64x64, 3 -> 16 is
+# 2.2 -> 0.6 ms.
+_MAX_TAP_SUM_IN_CHANNELS = 4
+_MAX_TAP_SUM_OUT_CHANNELS = 32
+_MIN_TAP_SUM_PIXELS = 64 * 64
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -58,8 +78,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   if _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                  feature_group_count, batch_group_count, kwargs):
     strides = tuple(window_strides)
-    if _per_tap_kernel_gradient(lhs.shape, rhs.shape) or _s2d_input_gradient(rhs.shape, strides):
-      return _conv(lhs, rhs, strides, tuple(tuple(p) for p in padding), precision)
+    padding = tuple(tuple(p) for p in padding)
+    if (_per_tap_kernel_gradient(lhs.shape, rhs.shape) or _s2d_input_gradient(rhs.shape, strides)
+        or _tap_sum_forward(lhs.shape, rhs.shape, strides, padding)):
+      return _conv(lhs, rhs, strides, padding, precision)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                   dimension_numbers, feature_group_count, batch_group_count,
                                   precision=precision, **kwargs)
@@ -92,18 +114,37 @@ def _s2d_input_gradient(w_shape, strides) -> bool:
   return strides == (2, 2) and kh <= 4 and kw <= 4 and cin <= _MAX_S2D_IN_CHANNELS
 
 
+def _tap_sum_forward(x_shape, w_shape, strides, padding) -> bool:
+  kh, kw, cin, cout = w_shape
+  ho, wo = _output_size(x_shape, w_shape, strides, padding)
+  return (cin <= _MAX_TAP_SUM_IN_CHANNELS and cout <= _MAX_TAP_SUM_OUT_CHANNELS
+          and kh * kw <= _MAX_TAPS and ho * wo >= _MIN_TAP_SUM_PIXELS)
+
+
+def _output_size(x_shape, w_shape, strides, padding) -> tuple[int, int]:
+  (top, bottom), (left, right) = padding
+  return ((x_shape[1] + top + bottom - w_shape[0]) // strides[0] + 1,
+          (x_shape[2] + left + right - w_shape[1]) // strides[1] + 1)
+
+
 def _plain_conv(x, w, strides, padding, precision):
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
                                   precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, w, strides, padding, precision):
+def _forward(x, w, strides, padding, precision):
+  if _tap_sum_forward(x.shape, w.shape, strides, padding):
+    return tap_sum_conv(x, w, strides, padding)
   return _plain_conv(x, w, strides, padding, precision)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, strides, padding, precision):
+  return _forward(x, w, strides, padding, precision)
+
+
 def _conv_fwd(x, w, strides, padding, precision):
-  return _plain_conv(x, w, strides, padding, precision), (x, w)
+  return _forward(x, w, strides, padding, precision), (x, w)
 
 
 def _conv_bwd(strides, padding, precision, residuals, dy):
@@ -122,6 +163,33 @@ def _conv_bwd(strides, padding, precision, residuals, dy):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def tap_sum_conv(x, w, strides, padding):
+  """An NHWC x HWIO convolution as a sum of kh * kw * C_in broadcast products.
+
+  Each term is one channel of a strided window of the padded input, [B, Ho,
+  Wo, 1], times one row W[i, j, c, :] of the kernel. XLA fuses the whole sum
+  into one elementwise loop, which beats its convolution kernel only when
+  C_in and C_out are small (module docstring). Accumulates in float32, and
+  returns the input's dtype as ``lax.conv_general_dilated`` does.
+  """
+  kh, kw, cin, _ = w.shape
+  (top, bottom), (left, right) = padding
+  b = x.shape[0]
+  ho, wo = _output_size(x.shape, w.shape, strides, padding)
+  sh, sw = strides
+  x_pad = jnp.pad(x.astype(jnp.float32), ((0, 0), (top, bottom), (left, right), (0, 0)))
+  w = w.astype(jnp.float32)
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      window = lax.slice(x_pad, (0, i, j, 0),
+                         (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1))
+      for c in range(cin):
+        term = window[..., c:c + 1] * w[i, j, c]
+        y = term if y is None else y + term
+  return y.astype(x.dtype)
 
 
 def space_to_depth_conv(x, w, padding, precision=None):

@@ -45,8 +45,9 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, padding=Non
 
   Flax's ``"SAME"`` pads stride-2 convolutions asymmetrically ((0, 1) on even
   sizes), which is not what ``nn.Conv2d(padding=1, stride=2)`` does. The
-  convolution is ``models.convolution``'s (two of its gradients are computed
-  differently on the CPU, where XLA's are slow).
+  convolution is ``models.convolution``'s (two of its gradients and the
+  forward of thin RGB-input convs are computed differently on the CPU, where
+  XLA's are slow).
   """
   if padding is None:
     padding = kernel // 2
