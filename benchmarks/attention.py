@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 from benchmarks import common as bc
 
@@ -44,18 +43,7 @@ QUICK = [("small UNet, 16x16, b1", 1, 256, 256, 2, 32), ("cross-attention, b1", 
 
 
 def _interleaved_medians_ms(calls: dict, repeats: int) -> dict:
-  """Median ms of each call, timed in rounds (one call of each per round, the
-  order rotating), so that this machine's drifting speed hits all alike."""
-  for fn in calls.values():
-    fn()
-    fn()
-  names = list(calls)
-  times = {name: [] for name in names}
-  for i in range(repeats):
-    for name in names[i % len(names):] + names[:i % len(names)]:
-      t = time.perf_counter()
-      calls[name]()
-      times[name].append(time.perf_counter() - t)
+  times, _ = bc.interleaved(calls, repeats, warmup=2)
   return {name: statistics.median(v) * 1e3 for name, v in times.items()}
 
 

@@ -135,6 +135,30 @@ def block(tree):
   return jax.block_until_ready(tree)
 
 
+def interleaved(calls: dict, repeats: int, warmup: int = 0) -> tuple[dict, dict]:
+  """Time each no-argument call ``repeats`` times, in rounds of one call of
+  each, the order rotating from round to round. This machine's speed drifts
+  by up to 1.5x within minutes; interleaving makes the drift hit every call
+  alike, so the ratio of their medians holds even when the times do not.
+
+  ``warmup`` untimed calls of each come first. Returns ``(times, results)``:
+  per name, the seconds of each timed call and what each returned.
+  """
+  for fn in calls.values():
+    for _ in range(warmup):
+      fn()
+  names = list(calls)
+  times = {name: [] for name in names}
+  results = {name: [] for name in names}
+  for i in range(repeats):
+    k = i % len(names)
+    for name in names[k:] + names[:k]:
+      t = time.perf_counter()
+      results[name].append(calls[name]())
+      times[name].append(time.perf_counter() - t)
+  return times, results
+
+
 def summarize(times: list[float]) -> dict:
   return {"times_s": times, "median_s": statistics.median(times), "min_s": min(times),
           "max_s": max(times)}

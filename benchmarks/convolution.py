@@ -8,8 +8,9 @@ at the UNet's and the pose embedding's shapes.
 Why this exists: jaxlib 0.10 runs convolutions through YNNPACK, whose kernel
 gradients (a convolution whose window is the whole activation) were the
 slowest part of the UNet train step (benchmarks/README.md, finding 11), and
-fpdm_jax's convolution writes two gradients its own way on the CPU (batch-1
-kernel gradients, thin stride-2 input gradients; finding 12). This table
+fpdm_jax's convolution writes two gradients and one forward its own way on
+the CPU (batch-1 kernel gradients, thin stride-2 input gradients, finding 12;
+RGB-input forwards, finding 16). This table
 shows each of the three parts on its own, so a new jaxlib can be checked in a
 minute: where the "XLA default" column catches up with "fpdm", the flag or
 the custom gradient can go.
@@ -40,6 +41,8 @@ CASES = [
     ("UNet level 1", 8, 32, 64, 64, 1),
     ("UNet level 3", 8, 16, 128, 128, 1),
     ("pose emb. 64x64", 8, 64, 96, 96, 1),
+    ("pose emb. conv_in", 8, 256, 3, 8, 1),
+    ("pose emb. conv_in, medium", 8, 256, 3, 16, 1),
     ("pose emb. 128x128", 8, 128, 32, 32, 1),
     ("pose emb. down", 8, 128, 16, 32, 2),
     ("pose emb. 256x256", 8, 256, 8, 16, 2),

@@ -36,26 +36,12 @@ MODULE = "benchmarks.roofline"
 
 
 def matmul_rates(n: int, repeats: int) -> dict:
-  import jax
-  import jax.numpy as jnp
   import numpy as np
   import torch
   rng = np.random.default_rng(0)
-  a = rng.standard_normal((n, n), np.float32)
-  b = rng.standard_normal((n, n), np.float32)
-  ja, jb = jnp.asarray(a), jnp.asarray(b)
-  f = jax.jit(jnp.dot).lower(ja, jb).compile()
-  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-  runs = {"jax": lambda: bc.block(f(ja, jb)), "torch": lambda: torch.matmul(ta, tb)}
-  for r in runs.values():
-    r()
-    r()
-  times = {k: [] for k in runs}
-  for i in range(repeats):
-    for k in (("jax", "torch") if i % 2 == 0 else ("torch", "jax")):
-      t = time.perf_counter()
-      runs[k]()
-      times[k].append(time.perf_counter() - t)
+  ta, tb = (torch.from_numpy(rng.standard_normal((n, n), np.float32)) for _ in range(2))
+  runs = {"jax": _jax_matmul(n), "torch": lambda: torch.matmul(ta, tb)}
+  times, _ = bc.interleaved(runs, repeats, warmup=2)
   flops = 2.0 * n ** 3
   return {k: dict(bc.summarize(v), flops_per_s=flops / statistics.median(v))
           for k, v in times.items()}
@@ -98,7 +84,8 @@ def run(args) -> dict:
     t = time.perf_counter()
     step()
     times.append(time.perf_counter() - t)
-    between.append(2.0 * args.matmul_size ** 3 / statistics.median(_timed(dot, 3)))
+    dot_times, _ = bc.interleaved({"dot": dot}, 3)
+    between.append(2.0 * args.matmul_size ** 3 / statistics.median(dot_times["dot"]))
   mm_after = matmul_rates(args.matmul_size, max(3, args.matmul_repeats // 2))
   st = bc.summarize(times)
   achieved = info["flops"] / st["median_s"] if info.get("flops") else None
@@ -124,15 +111,6 @@ def _jax_matmul(n: int):
   f = jax.jit(jnp.dot).lower(a, b).compile()
   bc.block(f(a, b))
   return lambda: bc.block(f(a, b))
-
-
-def _timed(fn, repeats: int) -> list[float]:
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return times
 
 
 def table(r: dict, args) -> str:

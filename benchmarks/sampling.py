@@ -140,13 +140,7 @@ def run_one(spec: dict) -> dict:
     first[impl] = time.perf_counter() - t
   info["final_latents_max_abs_diff"] = float(np.abs(outs["jax"] - outs["torch"]).max())
   info["final_latents_max_abs"] = float(np.abs(outs["torch"]).max())
-  times = {k: [] for k in runners}
-  order = list(runners)
-  for i in range(spec["repeats"]):
-    for impl in (order if i % 2 == 0 else order[::-1]):
-      t = time.perf_counter()
-      runners[impl]()
-      times[impl].append(time.perf_counter() - t)
+  times, _ = bc.interleaved(runners, spec["repeats"])
   return {"spec": spec, "info": info, "first_loop_s": first,
           "timing": {k: bc.summarize(v) for k, v in times.items()},
           "torch_threads": torch.get_num_threads(), "loadavg_at_end": os.getloadavg()}

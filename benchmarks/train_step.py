@@ -469,7 +469,6 @@ def run_one(spec: dict) -> dict:
     out.update(impl=impl, peak_rss_delta=bc.hwm_bytes() - baseline, rss_before_steps=rss0 - baseline,
                hwm_reset=reset_ok)
     return out
-  losses = {k: [] for k in runners}
   first = {}
   for impl, run in runners.items():
     t = time.perf_counter()
@@ -478,13 +477,7 @@ def run_one(spec: dict) -> dict:
   for _ in range(max(0, spec["warmup"] - 1)):
     for run in runners.values():
       run()
-  times = {k: [] for k in runners}
-  order = list(runners)
-  for i in range(spec["repeats"]):
-    for impl in (order if i % 2 == 0 else order[::-1]):
-      t = time.perf_counter()
-      losses[impl].append(runners[impl]())
-      times[impl].append(time.perf_counter() - t)
+  times, losses = bc.interleaved(runners, spec["repeats"])
   out.update(first_step_s=first, timing={k: bc.summarize(v) for k, v in times.items()},
              losses=losses, loadavg_at_end=os.getloadavg())
   return out
