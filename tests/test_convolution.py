@@ -34,6 +34,18 @@ def _loss(conv, x, w, stride, padding, dn):
   return jnp.sum(jnp.sin(y))  # a non-constant cotangent
 
 
+def _assert_gradients_match_lax(x, w, stride, padding, dn):
+  """Input and kernel gradients of the model conv against autodiff of lax's,
+  to float32 summation order; returns the model conv's (input, kernel)."""
+  grad = jax.grad(_loss, argnums=(1, 2))
+  want = grad(lax.conv_general_dilated, x, w, stride, padding, dn)
+  got = jax.jit(grad, static_argnums=(0, 3, 4, 5))(
+      convolution.conv_general_dilated, x, w, stride, padding, dn)
+  for g, r, name in zip(got, want, ("input", "kernel")):
+    np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()), err_msg=name)
+  return got
+
+
 @pytest.mark.parametrize("kernel,stride,padding,channels", [
     (3, 1, ((1, 1), (1, 1)), (16, 6)),   # ResnetBlock2D
     (3, 2, ((1, 1), (1, 1)), (16, 6)),   # Downsample2D / pose embedding
@@ -52,12 +64,7 @@ def test_batch1_gradients_match_autodiff_of_lax_conv(kernel, stride, padding, ch
   got_y = convolution.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=dn)
   np.testing.assert_array_equal(got_y, want_y)  # the forward is lax's own
 
-  grad = jax.grad(_loss, argnums=(1, 2))
-  want = grad(lax.conv_general_dilated, x, w, stride, padding, dn)
-  got = jax.jit(grad, static_argnums=(0, 3, 4, 5))(
-      convolution.conv_general_dilated, x, w, stride, padding, dn)
-  for g, r, name in zip(got, want, ("input", "kernel")):
-    np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()), err_msg=name)
+  got = _assert_gradients_match_lax(x, w, stride, padding, dn)
   assert got[1].dtype == w.dtype
   assert _tap_matmuls(lambda w: _loss(convolution.conv_general_dilated, x, w, stride, padding,
                                       dn), w) == kernel ** 2
@@ -84,12 +91,7 @@ def test_space_to_depth_matches_the_stride2_conv(kernel, size, padding):
 
   # The model conv at batch 2 takes its input gradient this way; the kernel
   # gradient stays XLA's (no per-tap matmuls).
-  grad = jax.grad(_loss, argnums=(1, 2))
-  want = grad(lax.conv_general_dilated, x, w, 2, padding, dn)
-  got = jax.jit(grad, static_argnums=(0, 3, 4, 5))(
-      convolution.conv_general_dilated, x, w, 2, padding, dn)
-  for g, r, name in zip(got, want, ("input", "kernel")):
-    np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()), err_msg=name)
+  _assert_gradients_match_lax(x, w, 2, padding, dn)
   assert _dilated_convs(lambda x: _loss(convolution.conv_general_dilated, x, w, 2, padding, dn),
                         x) == 0
   assert _dilated_convs(lambda x: _loss(lax.conv_general_dilated, x, w, 2, padding, dn), x) == 1
@@ -122,12 +124,7 @@ def test_tap_sum_forward_matches_lax_conv(size, stride, channels, padding):
   assert _forward_convs(lambda x: conv(convolution.conv_general_dilated, x, w), x) == 0
 
   # Its gradients are the convolution's own.
-  grad = jax.grad(_loss, argnums=(1, 2))
-  want = grad(lax.conv_general_dilated, x, w, stride, padding, dn)
-  got = jax.jit(grad, static_argnums=(0, 3, 4, 5))(
-      convolution.conv_general_dilated, x, w, stride, padding, dn)
-  for g, r, name in zip(got, want, ("input", "kernel")):
-    np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()), err_msg=name)
+  got = _assert_gradients_match_lax(x, w, stride, padding, dn)
 
 
 @pytest.mark.parametrize("shape", [(2, 32, 32, 3, 8),     # too few pixels

@@ -205,7 +205,7 @@ def space_to_depth_conv(x, w, padding, precision=None):
   kh, kw, cin, cout = w.shape
   (top, bottom), (left, right) = padding
   b, h, wd, _ = x.shape
-  ho, wo = (h + top + bottom - kh) // 2 + 1, (wd + left + right - kw) // 2 + 1
+  ho, wo = _output_size(x.shape, w.shape, (2, 2), padding)
   th, tw = -(-kh // 2), -(-kw // 2)  # taps of the stride-1 kernel
   hp, wp = 2 * (ho + th - 1), 2 * (wo + tw - 1)
   # lax.pad: a negative high padding crops what no tap reaches.
