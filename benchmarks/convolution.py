@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     rows[name] = bc.run_module(MODULE, dict(cases=cases, repeats=repeats, torch=name == "fpdm",
                                             ours=name == "fpdm", torch_threads=args.torch_threads),
                                env=_config_env(name))
-  if any(k in rows["XLA default"]["xla_flags"] for k in xla_cpu_flags.DEFAULTS):
+  if any(k in rows["XLA default"]["xla_flags"] for k in xla_cpu_flags.ALL_DEFAULTS):
     raise SystemExit("the 'XLA default' process still had fpdm_jax's XLA flags: "
                      f"{rows['XLA default']['xla_flags']!r}")
   print(bc.machine_line(machine))
