@@ -135,27 +135,39 @@ def block(tree):
   return jax.block_until_ready(tree)
 
 
-def interleaved(calls: dict, repeats: int, warmup: int = 0) -> tuple[dict, dict]:
-  """Time each no-argument call ``repeats`` times, in rounds of one call of
-  each, the order rotating from round to round. This machine's speed drifts
-  by up to 1.5x within minutes; interleaving makes the drift hit every call
-  alike, so the ratio of their medians holds even when the times do not.
+def interleaved(calls: dict, repeats: int, warmup: int = 0,
+                block: int = 1) -> tuple[dict, dict]:
+  """Time each no-argument call ``repeats`` times, in rounds of ``block``
+  consecutive calls of each, the order rotating from round to round. This
+  machine's speed drifts by up to 1.5x within minutes; interleaving makes the
+  drift hit every call alike, so the ratio of their medians holds even when
+  the times do not.
+
+  ``block`` > 1 runs a call back to back, as training runs its steps: on a VM
+  that hands freed memory back to its host (free page reporting), the first
+  step after another framework's step re-faults its freed buffers from the
+  host and can take twice as long (benchmarks/README.md, finding 17).
+  Every call is timed and returned, the first of each block included.
 
   ``warmup`` untimed calls of each come first. Returns ``(times, results)``:
   per name, the seconds of each timed call and what each returned.
   """
+  if block < 1:
+    raise ValueError(f"block must be >= 1, got {block}")
   for fn in calls.values():
     for _ in range(warmup):
       fn()
   names = list(calls)
   times = {name: [] for name in names}
   results = {name: [] for name in names}
-  for i in range(repeats):
+  rounds = -(-repeats // block)
+  for i in range(rounds):
     k = i % len(names)
     for name in names[k:] + names[:k]:
-      t = time.perf_counter()
-      results[name].append(calls[name]())
-      times[name].append(time.perf_counter() - t)
+      for _ in range(min(block, repeats - i * block)):
+        t = time.perf_counter()
+        results[name].append(calls[name]())
+        times[name].append(time.perf_counter() - t)
   return times, results
 
 

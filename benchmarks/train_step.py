@@ -40,8 +40,9 @@ for torch), made once; the per-step noise and timesteps are drawn inside the ste
 Method. Each case runs in a fresh process holding both implementations. After
 building, ours is lowered and compiled ahead of time (compile time reported
 separately), then --warmup steps of each, then --repeats timed steps, JAX and torch
-interleaved (the order alternates every iteration) so that load from other jobs on
-the shared machine hits both alike. Reported: median step time, images/s = batch /
+interleaved in rounds of --block consecutive steps each (the order alternates every
+round) so that load from other jobs on the shared machine hits both alike. Reported:
+median step time, the ratio of each side's fastest step, images/s = batch /
 median (stage 1: pairs/s, each pair = 3 encoder images), ratio ours/torch.
 
 Memory, two figures:
@@ -477,7 +478,7 @@ def run_one(spec: dict) -> dict:
   for _ in range(max(0, spec["warmup"] - 1)):
     for run in runners.values():
       run()
-  times, losses = bc.interleaved(runners, spec["repeats"])
+  times, losses = bc.interleaved(runners, spec["repeats"], block=spec.get("block", 1))
   out.update(first_step_s=first, timing={k: bc.summarize(v) for k, v in times.items()},
              losses=losses, loadavg_at_end=os.getloadavg())
   return out
@@ -499,7 +500,8 @@ def case_specs(args) -> list[dict]:
       specs.append(dict(kind="clip", batch=b, check=True, name=case,
                         clip=CLIP_QUICK if args.quick else CLIP_CASE))
   for s in specs:
-    s.update(warmup=args.warmup, repeats=args.repeats, torch_threads=args.torch_threads)
+    s.update(warmup=args.warmup, repeats=args.repeats, block=args.block,
+             torch_threads=args.torch_threads)
   return specs
 
 
@@ -565,6 +567,10 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--repeats", type=int, help="timed steps per implementation (default 5; quick 2)")
   p.add_argument("--warmup", type=int, help="untimed steps per implementation, the first "
                  "reported separately (default 1; quick 1)")
+  p.add_argument("--block", type=int, default=1,
+                 help="consecutive steps of one implementation before switching (default 1: "
+                      "strict alternation). Training runs steps back to back; see "
+                      "benchmarks/README.md finding 17 for why that matters on a VM")
   p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                  help="run the per-implementation peak-RSS processes (default on; quick off)")
   p.add_argument("--torch-threads", type=int, default=0,
@@ -589,8 +595,8 @@ def main(argv=None) -> int:
   for k, v in (quick if args.quick else full).items():
     if getattr(args, k) is None:
       setattr(args, k, v)
-  if args.repeats < 1 or args.warmup < 1:
-    raise SystemExit("error: --repeats and --warmup must be >= 1")
+  if args.repeats < 1 or args.warmup < 1 or args.block < 1:
+    raise SystemExit("error: --repeats, --warmup and --block must be >= 1")
   t_start = time.perf_counter()
   machine = bc.machine_info()
   rows = []
@@ -622,7 +628,8 @@ def main(argv=None) -> int:
           "call on 3B images; rate = pairs/s (x3 for encoder images/s)")
   print(f"Timing: median of {args.repeats} steps after {args.warmup} warm-up, the two "
         "implementations of a case (JAX and torch; stage2-*: from images and from cache) "
-        f"interleaved in one process per case; torch threads "
+        f"interleaved in one process per case, in blocks of {args.block} consecutive steps; "
+        "torch threads "
         f"{rows[0]['torch_threads'] if rows else '?'}")
   if any(r["spec"]["kind"] != "stage2" for r in rows):
     print()
