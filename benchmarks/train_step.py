@@ -507,13 +507,13 @@ def case_specs(args) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
   """The main table. Besides the ratio of medians it gives the ratio of each
-  side's fastest step: on this 2-vCPU VM a two-thread step (JAX's always,
-  torch's at its default threads) now and then runs at half speed, about one
-  step in three (benchmarks/README.md, finding 17); noise only ever slows a
-  step, so the fastest steps compare the code."""
+  side's fastest step: on a VM that hands freed memory back to its host, a
+  JAX step after a pause (such as torch's step) can take twice as long
+  (benchmarks/README.md, finding 17). Such noise only ever slows a step, so
+  the fastest steps compare the code."""
   out = ["| case | unit | JAX step ms (median) | torch step ms (median) | JAX /s | torch /s | "
-         "JAX / torch | fastest steps: JAX / torch | JAX compile s | JAX compiled MiB (temp) | JAX peak RSS Δ MiB | "
-         "torch peak RSS Δ MiB |",
+         "JAX / torch | fastest steps: JAX / torch | JAX compile s | "
+         "JAX compiled MiB (temp) | JAX peak RSS Δ MiB | torch peak RSS Δ MiB |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     if r["spec"]["kind"] == "stage2":

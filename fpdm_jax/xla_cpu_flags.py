@@ -54,9 +54,7 @@ def _forced_host_devices(xla_flags: str) -> int:
 
 def defaults_for(xla_flags: str) -> dict[str, str]:
   """The defaults that suit a process started with ``xla_flags``."""
-  if _forced_host_devices(xla_flags) > 1:
-    return dict(DEFAULTS)
-  return {**DEFAULTS, **ONE_DEVICE_DEFAULTS}
+  return dict(DEFAULTS if _forced_host_devices(xla_flags) > 1 else ALL_DEFAULTS)
 
 
 def with_defaults(xla_flags: str, defaults: dict[str, str] | None = None) -> str:
