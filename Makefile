@@ -11,9 +11,10 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# Re-installs whenever pyproject.toml changes. torch is pinned (2.13.0, CPU)
-# in the test extra so pip never pulls a CUDA build.
-$(STAMP): pyproject.toml
+# Re-installs whenever pyproject.toml or the native block pool changes (setup.py
+# builds fpdm_jax/native/block_pool.c; fpdm_jax/host_memory.py says why).
+# torch is pinned (2.13.0, CPU) in the test extra so pip never pulls a CUDA build.
+$(STAMP): pyproject.toml setup.py fpdm_jax/native/block_pool.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[test]'
 	@touch $(STAMP)
