@@ -153,9 +153,9 @@ def wanted_environment() -> dict[str, str] | None:
 def reexec_with_malloc_tunables() -> None:
   """Replaces this process with the same command run under ``TUNABLES`` and
   the block pool, unless it already runs under them or they do not apply.
-  Call it first thing
-  in a ``__main__`` block, before JAX starts: everything done before is lost.
-  Never returns when it re-executes; the second run finds the tunables set.
+  Call it first thing in a ``__main__`` block, before JAX starts: everything
+  done before is lost. Never returns when it re-executes; the second run
+  finds its environment set.
   If the re-exec itself fails, warns and returns: the run goes on without."""
   env = wanted_environment()
   if env is None:
@@ -167,6 +167,7 @@ def reexec_with_malloc_tunables() -> None:
   try:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
   except OSError as e:  # the run itself is still fine, just without the tunables
-    logging.warning("host_memory: could not re-execute %s with GLIBC_TUNABLES (%s); "
-                    "continuing with glibc's malloc defaults (slower CPU steps). Set "
-                    "FPDM_CPU_MALLOC_DEFAULTS=0 to skip this attempt.", sys.executable, e)
+    logging.warning("host_memory: could not re-execute %s with GLIBC_TUNABLES and the "
+                    "block pool (%s); continuing with glibc's malloc defaults (slower CPU "
+                    "steps). Set FPDM_CPU_MALLOC_DEFAULTS=0 to skip this attempt.",
+                    sys.executable, e)
