@@ -1,0 +1,140 @@
+"""GroupNorm + SiLU, forward and forward + backward: ``nnx.GroupNorm``,
+fpdm_jax's ``models.normalization.GroupNorm`` and torch's, at the UNet's shapes.
+
+  python -m benchmarks.group_norm [--quick] [--json OUT.json] [--torch-threads N]
+
+Why this exists: every resnet of the UNet and VAE runs two group norms and
+every transformer one; nnx's formulation was 3-7x slower than torch's on
+XLA:CPU at batch 8 (models/normalization.py says why). This table checks the
+replacement against both, so a new flax or jaxlib can be judged in a minute.
+
+Method: one process; each function jitted; the three implementations timed in
+strict alternation (``benchmarks.common.interleaved``), medians of --repeats
+calls after 3 warm-up calls. Forward + backward = the gradients of the input,
+scale and bias for a fixed random output cotangent. torch NCHW, JAX NHWC,
+float32. The last column checks that ours computes nnx's input gradient.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+from benchmarks import common as bc
+
+MODULE = "benchmarks.group_norm"
+# (where, batch, height = width, channels, groups)
+CASES = [
+    ("small UNet, level 1", 8, 32, 32, 16),
+    ("small UNet, up level 1", 8, 32, 96, 16),
+    ("small UNet, level 2", 8, 16, 64, 16),
+    ("medium UNet, level 1", 8, 32, 64, 32),
+    ("medium UNet, level 3", 8, 8, 256, 32),
+    ("medium UNet, level 1, b1", 1, 32, 64, 32),
+    ("VAE decoder top, b1", 1, 256, 64, 8),
+]
+QUICK = [("tiny", 2, 8, 32, 8)]
+IMPLS = ("nnx", "fpdm", "torch")
+
+
+def run(cases, repeats: int, torch_threads: int) -> list[dict]:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  from flax import nnx
+
+  from fpdm_jax.models.normalization import GroupNorm
+  if torch_threads:
+    torch.set_num_threads(torch_threads)
+  rows = []
+  for label, b, h, c, g in cases:
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((b, h, h, c)) + 0.5).astype(np.float32)
+    ct = rng.standard_normal((b, h, h, c)).astype(np.float32)
+    scale, bias = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    modules = {"nnx": nnx.GroupNorm(c, num_groups=g, epsilon=1e-5, use_fast_variance=False,
+                                    rngs=nnx.Rngs(0)),
+               "fpdm": GroupNorm(c, num_groups=g, epsilon=1e-5)}
+    fwd, both, grads = {}, {}, {}
+    xj, ctj = jnp.asarray(x), jnp.asarray(ct)
+    for name, m in modules.items():
+      m.scale.set_value(jnp.asarray(scale))
+      m.bias.set_value(jnp.asarray(bias))
+      graphdef, params = nnx.split(m)
+      f = lambda p, x, graphdef=graphdef: jax.nn.silu(nnx.merge(graphdef, p)(x))
+      jf = jax.jit(f)
+      jb = jax.jit(lambda p, x, ct, f=f: jax.vjp(f, p, x)[1](ct))
+      fwd[name] = lambda jf=jf, p=params: jax.block_until_ready(jf(p, xj))
+      both[name] = lambda jb=jb, p=params: jax.block_until_ready(jb(p, xj, ctj))
+      grads[name] = np.asarray(jb(params, xj, ctj)[1])
+    tm = torch.nn.GroupNorm(g, c, eps=1e-5)
+    with torch.no_grad():
+      tm.weight.copy_(torch.from_numpy(scale))
+      tm.bias.copy_(torch.from_numpy(bias))
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    tct = torch.from_numpy(ct.transpose(0, 3, 1, 2).copy())
+
+    def t_fwd():
+      with torch.no_grad():
+        return torch.nn.functional.silu(tm(tx))
+
+    def t_both():
+      tm.zero_grad(set_to_none=True)
+      tx.grad = None
+      torch.nn.functional.silu(tm(tx)).backward(tct)
+
+    fwd["torch"], both["torch"] = t_fwd, t_both
+    row = {"case": [label, b, h, c, g],
+           "max_rel_diff": float(np.abs(grads["fpdm"] - grads["nnx"]).max()
+                                 / np.abs(grads["nnx"]).max())}
+    for part, calls in (("forward", fwd), ("forward+backward", both)):
+      times, _ = bc.interleaved(calls, repeats, warmup=3)
+      row[part] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    rows.append(row)
+    print(f"[{len(rows)}/{len(cases)}] {label}", file=sys.stderr, flush=True)
+  return rows
+
+
+def table(rows: list[dict]) -> str:
+  out = ["| GroupNorm + SiLU (batch, size, channels, groups) | forward: nnx / fpdm / torch ms | "
+         "fwd+bwd: nnx / fpdm / torch ms | fwd+bwd: nnx / fpdm | fwd+bwd: torch / fpdm | "
+         "max rel. diff of dx |", "|---|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    label, b, h, c, g = r["case"]
+    f, fb = r["forward"], r["forward+backward"]
+    cell = lambda d: " / ".join(f"{d[k]:.2f}" for k in IMPLS)
+    out.append(f"| {label} (b{b}, {h}², {c}, {g}) | {cell(f)} | {cell(fb)} | "
+               f"{fb['nnx'] / fb['fpdm']:.2f}× | {fb['torch'] / fb['fpdm']:.2f}× | "
+               f"{r['max_rel_diff']:.0e} |")
+  return "\n".join(out)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="one tiny case, 3 repeats")
+  p.add_argument("--repeats", type=int, default=None, help="timed calls per part (default 20)")
+  p.add_argument("--torch-threads", type=int, default=0,
+                 help="torch.set_num_threads; 0 keeps torch's default (= cores)")
+  p.add_argument("--json", metavar="OUT.json", help="also write all results and the machine here")
+  args = p.parse_args(argv)
+  if args.repeats is not None and args.repeats < 1:
+    p.error("--repeats must be >= 1")
+  repeats = args.repeats or (3 if args.quick else 20)
+  machine = bc.machine_info()
+  rows = run(QUICK if args.quick else CASES, repeats, args.torch_threads)
+  import torch
+  print(bc.machine_line(machine))
+  print(f"torch threads {torch.get_num_threads()}; median of {repeats}, strict alternation")
+  print()
+  print(table(rows))
+  bc.write_json(args.json, {"command": "python -m " + MODULE + " " + " ".join(argv or sys.argv[1:]),
+                            "machine": machine, "repeats": repeats, "rows": rows})
+  return 0
+
+
+if __name__ == "__main__":
+  from fpdm_jax import host_memory
+  host_memory.reexec_with_malloc_tunables()  # before JAX starts; see its docstring
+  sys.exit(main())
