@@ -43,6 +43,8 @@ CASES = [
     ("pose emb. 64x64", 8, 64, 96, 96, 1),
     ("pose emb. conv_in", 8, 256, 3, 8, 1),
     ("pose emb. conv_in, medium", 8, 256, 3, 16, 1),
+    ("pose emb. 256x256 same width", 8, 256, 8, 8, 1),
+    ("pose emb. 256x256 same width, medium", 8, 256, 16, 16, 1),
     ("pose emb. 128x128", 8, 128, 32, 32, 1),
     ("pose emb. down", 8, 128, 16, 32, 2),
     ("pose emb. 256x256", 8, 256, 8, 16, 2),
