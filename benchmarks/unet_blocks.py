@@ -82,6 +82,23 @@ def _get(root, path: str):
   return root
 
 
+def _modules(ours, unet, path: str):
+  """(our module, torch module) of a block. The UNet's end is conv_norm_out and
+  conv_out, held in a module of their own: differentiating the whole UNet for
+  them would also make (ours) or skip (torch) gradients of every other layer."""
+  if path != "conv_norm_out":
+    return _get(ours, _ours_path(path)), _get(unet, path)
+  import torch
+  from flax import nnx
+
+  class Ends(nnx.Module):
+    def __init__(self, conv_norm_out, conv_out):
+      self.conv_norm_out, self.conv_out = conv_norm_out, conv_out
+
+  return (Ends(ours.conv_norm_out, ours.conv_out),
+          torch.nn.ModuleDict({"conv_norm_out": unet.conv_norm_out, "conv_out": unet.conv_out}))
+
+
 def _calls(path: str, kind: str):
   """(ours(module, *inputs), torch(module, *inputs), names of the inputs).
 
@@ -255,9 +272,7 @@ def run(spec: dict) -> dict:
   def torch_whole(m, x, t, ctx, pose, fusion):
     return forward(x, t, ctx, pose_features=pose, fusion=fusion)
 
-  jobs = [(p, k, _get(ours, _ours_path(p)) if p != "conv_norm_out" else ours,
-           _get(unet, p) if p != "conv_norm_out" else unet, *_calls(p, k), recorded[p])
-          for p, k in names]
+  jobs = [(p, k, *_modules(ours, unet, p), *_calls(p, k), recorded[p]) for p, k in names]
   if not spec.get("only"):
     jobs.append(("UNet (conv_in .. conv_out)", "whole UNet", ours, unet, ours_whole, torch_whole,
                  whole_names, whole))
