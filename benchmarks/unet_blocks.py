@@ -49,23 +49,22 @@ KINDS = ("pose embedding", "ends", "resnet", "transformer", "resample", "whole U
 
 def _block_names(unet) -> list[tuple[str, str]]:
   """(torch attribute path, kind) of every block, in forward order."""
+
+  def level(prefix, blk, samplers):
+    for j in range(len(blk.resnets)):
+      yield f"{prefix}.resnets.{j}", "resnet"
+      if getattr(blk, "attentions", None) is not None:
+        yield f"{prefix}.attentions.{j}", "transformer"
+    if getattr(blk, samplers) is not None:
+      yield f"{prefix}.{samplers}.0", "resample"
+
   out = [("pose_embedding", "pose embedding"), ("conv_in", "ends")]
   for i, blk in enumerate(unet.down_blocks):
-    for j in range(len(blk.resnets)):
-      out.append((f"down_blocks.{i}.resnets.{j}", "resnet"))
-      if getattr(blk, "attentions", None) is not None:
-        out.append((f"down_blocks.{i}.attentions.{j}", "transformer"))
-    if blk.downsamplers is not None:
-      out.append((f"down_blocks.{i}.downsamplers.0", "resample"))
+    out += level(f"down_blocks.{i}", blk, "downsamplers")
   out += [("mid_block.resnets.0", "resnet"), ("mid_block.attentions.0", "transformer"),
           ("mid_block.resnets.1", "resnet")]
   for i, blk in enumerate(unet.up_blocks):
-    for j in range(len(blk.resnets)):
-      out.append((f"up_blocks.{i}.resnets.{j}", "resnet"))
-      if getattr(blk, "attentions", None) is not None:
-        out.append((f"up_blocks.{i}.attentions.{j}", "transformer"))
-    if blk.upsamplers is not None:
-      out.append((f"up_blocks.{i}.upsamplers.0", "resample"))
+    out += level(f"up_blocks.{i}", blk, "upsamplers")
   out.append(("conv_norm_out", "ends"))  # conv_norm_out -> SiLU -> conv_out
   return out
 
@@ -208,11 +207,7 @@ def _torch_runner(module, call, names, inputs, ct):
         v.grad = None
     call(module, *(leaves[n] for n in names)).backward(ct)
 
-  def forward():
-    with torch.no_grad():
-      return call(module, *(leaves[n] for n in names))
-
-  return run, forward
+  return run
 
 
 def _rel_diff(ours, ref) -> float:
@@ -257,6 +252,9 @@ def run(spec: dict) -> dict:
   names = _block_names(unet)
   if spec.get("only"):
     names = [(p, k) for p, k in names if re.search(spec["only"], p)]
+    if not names:
+      raise SystemExit(f"--only {spec['only']!r} matches no block; the paths are diffusers', "
+                       "e.g. 'up_blocks.2' or 'resnets'")
   recorded = _record_inputs(unet, forward, names, args)
   # The whole UNet from conv_in to conv_out, with the pose features and the
   # fusion embedding as inputs (the pose embedding is its own row).
@@ -283,11 +281,10 @@ def run(spec: dict) -> dict:
       ref = torch_call(torch_mod, *(inputs[n] for n in in_names))
     ct_np = rng.standard_normal(tuple(ref.shape)).astype(np.float32)
     torch_ct = torch.from_numpy(ct_np)
-    jax_in = {n: _to_jax(n, v) if n != "t" else jax.numpy.asarray(v.numpy())
-              for n, v in inputs.items()}
+    jax_in = {n: _to_jax(n, v) for n, v in inputs.items()}
     jax_ct = jax.numpy.asarray(ct_np.transpose(0, 2, 3, 1) if ct_np.ndim == 4 else ct_np)
     jrun, jfwd = _jax_runner(our_mod, our_call, in_names, jax_in, jax_ct)
-    trun, _ = _torch_runner(torch_mod, torch_call, in_names, inputs, torch_ct)
+    trun = _torch_runner(torch_mod, torch_call, in_names, inputs, torch_ct)
     diff = _rel_diff(jfwd(), ref)
     jrun()  # compile
     compile_s = time.perf_counter() - t0
