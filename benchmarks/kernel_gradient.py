@@ -1,14 +1,17 @@
-"""Ways to write a 3x3, stride-1 convolution's kernel gradient in JAX, against
-XLA's own and torch's, at the pose embedding's and the UNet's batch-8 shapes.
+"""Ways to write a 3x3, stride-1 convolution's kernel gradient in JAX (and one
+in C++), against XLA's own and torch's, at the pose embedding's and the
+UNet's batch-8 shapes.
 
   python -m benchmarks.kernel_gradient [--quick] [--json OUT.json] [--torch-threads N]
 
 Why this exists: at batch 8 the kernel gradients of the thin convolutions
 (8-32 channels at 64x64-256x256, the pose embedding) are where XLA:CPU is
-furthest behind torch's oneDNN, 2-4x (``benchmarks.convolution``). fpdm_jax
-keeps XLA's there, because every other way of writing the same sum with
-``lax`` ops that was tried is slower still; this table is that evidence, so a
-new jaxlib can be judged in a minute and nobody re-tries the same forms:
+furthest behind torch's oneDNN, 2-3x (``benchmarks.convolution``). fpdm_jax
+keeps XLA's there: the forms built from dots are slower still, and the
+space-to-depth one, faster than XLA's on most of these rows, did not move
+the whole train step beyond noise (benchmarks/README.md, finding 20). This
+table is that evidence, so a new jaxlib can be judged in a minute and
+nobody re-tries the same forms:
 
   xla        ``jax.vjp`` of ``lax.conv_general_dilated`` with respect to the
              kernel (what fpdm_jax uses from batch 2 on)
@@ -23,6 +26,12 @@ new jaxlib can be judged in a minute and nobody re-tries the same forms:
   s2d        the convolution written over 2x2 space-to-depth blocks (a 2x2
              convolution of 4 C_in -> 4 C_out channels, 1.8x the FLOPs) and
              differentiated by JAX
+  direct     not JAX: ``benchmarks/direct_kernel_gradient.cc``, a plain C++
+             loop nest blocked by output row and channel block, built here
+             with ``g++ -O3 -march=native`` and called through ctypes on
+             both cores ("-" without g++). It asks whether a hand-written
+             kernel, which fpdm_jax would call as an XLA FFI custom call,
+             could close the gap; fpdm_jax does not use it
   torch      ``torch.ops.aten.convolution_backward`` asking for the weight
              gradient only
 
@@ -34,7 +43,13 @@ against ``xla`` (the last column, max relative difference).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from benchmarks import common as bc
 
@@ -49,7 +64,7 @@ CASES = [
     ("UNet level 1, medium", 8, 32, 64),
 ]
 QUICK = [("tiny", 2, 16, 8)]
-FORMS = ("xla", "per-tap", "im2col", "row-fold", "s2d", "torch")
+FORMS = ("xla", "per-tap", "im2col", "row-fold", "s2d", "direct", "torch")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _PAD = ((1, 1), (1, 1))
 
@@ -121,6 +136,46 @@ def _s2d(x, dy, w_shape):
   return vjp(dy)[0]
 
 
+def _build_direct(workdir: Path):
+  """Compile the direct C++ kernel gradient; None (with a note) if that fails."""
+  compiler = shutil.which("g++") or shutil.which("c++")
+  if compiler is None:
+    print("no g++ / c++: the direct column is left out", file=sys.stderr)
+    return None
+  lib = workdir / "direct_kernel_gradient.so"
+  cmd = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-o", str(lib),
+         str(Path(__file__).with_name("direct_kernel_gradient.cc"))]
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  if done.returncode != 0:
+    print(f"building the direct kernel failed, its column is left out:\n{done.stderr}",
+          file=sys.stderr)
+    return None
+  fn = ctypes.CDLL(str(lib)).direct_kernel_gradient
+  fn.restype = ctypes.c_int
+  return fn
+
+
+def _direct_call(fn, x, dy):
+  """A no-argument call of the C++ kernel on host arrays, or None where it has
+  no instance for these channel counts."""
+  import numpy as np
+  b, h, w, cin = x.shape
+  cout = dy.shape[-1]
+  out = np.zeros((3, 3, cin, cout), np.float32)
+  threads = len(os.sched_getaffinity(0))
+  ptr = ctypes.POINTER(ctypes.c_float)
+  args = (x.ctypes.data_as(ptr), dy.ctypes.data_as(ptr), b, h, w, cin, cout,
+          out.ctypes.data_as(ptr), threads)
+  if fn(*args) != 0:
+    return None
+
+  def call():
+    fn(*args)
+    return out
+
+  return call
+
+
 def run(cases, repeats: int, torch_threads: int) -> list[dict]:
   import jax
   import numpy as np
@@ -130,6 +185,8 @@ def run(cases, repeats: int, torch_threads: int) -> list[dict]:
   jax_forms = {"xla": _xla, "per-tap": _per_tap, "im2col": _im2col, "row-fold": _row_fold,
                "s2d": _s2d}
   rows = []
+  workdir = Path(tempfile.mkdtemp(prefix="kernel_gradient_"))
+  direct = _build_direct(workdir)
   for where, b, size, ch in cases:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, size, size, ch), np.float32)
@@ -151,17 +208,22 @@ def run(cases, repeats: int, torch_threads: int) -> list[dict]:
 
     outs["torch"] = torch_kgrad().numpy().transpose(2, 3, 1, 0)
     calls["torch"] = torch_kgrad
+    direct_call = direct and _direct_call(direct, x, dy)
+    if direct_call:
+      outs["direct"] = direct_call().copy()
+      calls["direct"] = direct_call
     times, _ = bc.interleaved(calls, repeats, warmup=3)
     ref = outs["xla"]
     rows.append({
         "where": where, "batch": b, "size": size, "channels": ch,
         "gflop": 2 * b * size * size * 9 * ch * ch / 1e9,
         "times": {name: bc.summarize(t) for name, t in times.items()},
-        "max_rel_diff": max(float(np.abs(outs[n] - ref).max() / np.abs(ref).max()) for n in FORMS),
+        "max_rel_diff": max(float(np.abs(outs[n] - ref).max() / np.abs(ref).max()) for n in outs),
     })
     print(f"[{len(rows)}/{len(cases)}] {where}: "
-          + ", ".join(f"{n} {1e3 * rows[-1]['times'][n]['median_s']:.2f}" for n in FORMS) + " ms",
+          + ", ".join(f"{n} {1e3 * rows[-1]['times'][n]['median_s']:.2f}" for n in times) + " ms",
           file=sys.stderr, flush=True)
+  shutil.rmtree(workdir, ignore_errors=True)
   return rows
 
 
@@ -170,9 +232,10 @@ def table(rows: list[dict]) -> str:
           + " | ".join(f"{n} ms" for n in FORMS) + " | torch / xla | max rel. diff |")
   lines = [head, "|---|---:|" + "---:|" * len(FORMS) + "---:|---:|"]
   for r in rows:
-    med = {n: 1e3 * r["times"][n]["median_s"] for n in FORMS}
+    med = {n: 1e3 * t["median_s"] for n, t in r["times"].items()}
     lines.append(f"| {r['where']} (b{r['batch']}, {r['size']}², {r['channels']}→{r['channels']}) | "
-                 f"{r['gflop']:.2f} | " + " | ".join(f"{med[n]:.2f}" for n in FORMS)
+                 f"{r['gflop']:.2f} | "
+                 + " | ".join(f"{med[n]:.2f}" if n in med else "-" for n in FORMS)
                  + f" | {med['torch'] / med['xla']:.2f}× | {r['max_rel_diff']:.0e} |")
   return "\n".join(lines)
 
