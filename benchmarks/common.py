@@ -286,5 +286,36 @@ def write_json(path: str | None, payload: dict) -> None:
     print(f"wrote {path}")
 
 
+def case_table_main(module: str, doc: str, run, table, cases, quick_cases, *,
+                    default_repeats: int, per: str, argv=None) -> int:
+  """The command line of a one-process benchmark over a list of cases:
+  ``--quick`` / ``--repeats`` / ``--torch-threads`` / ``--json``, then
+  ``run(cases, repeats, torch_threads)`` -> rows, the machine line and
+  ``table(rows)`` printed, and everything written to the JSON file."""
+  import argparse
+  p = argparse.ArgumentParser(prog="python -m " + module, description=doc,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="smoke run: one tiny case, 3 repeats")
+  p.add_argument("--repeats", type=int, default=None,
+                 help=f"timed calls per {per} (default {default_repeats})")
+  p.add_argument("--torch-threads", type=int, default=0,
+                 help="torch.set_num_threads; 0 keeps torch's default (= cores)")
+  p.add_argument("--json", metavar="OUT.json", help="also write all results and the machine here")
+  args = p.parse_args(argv)
+  if args.repeats is not None and args.repeats < 1:
+    p.error("--repeats must be >= 1")
+  repeats = args.repeats or (3 if args.quick else default_repeats)
+  machine = machine_info()
+  rows = run(quick_cases if args.quick else cases, repeats, args.torch_threads)
+  import torch
+  print(machine_line(machine))
+  print(f"torch threads {torch.get_num_threads()}; median of {repeats}, strict alternation")
+  print()
+  print(table(rows))
+  write_json(args.json, {"command": "python -m " + module + " " + " ".join(argv or sys.argv[1:]),
+                         "machine": machine, "repeats": repeats, "rows": rows})
+  return 0
+
+
 def mib(x: float | None) -> str:
   return "" if x is None else f"{x / 2 ** 20:.0f}"

@@ -16,7 +16,6 @@ float32. The last column checks that ours computes nnx's input gradient.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 
@@ -111,28 +110,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--quick", action="store_true", help="one tiny case, 3 repeats")
-  p.add_argument("--repeats", type=int, default=None, help="timed calls per part (default 20)")
-  p.add_argument("--torch-threads", type=int, default=0,
-                 help="torch.set_num_threads; 0 keeps torch's default (= cores)")
-  p.add_argument("--json", metavar="OUT.json", help="also write all results and the machine here")
-  args = p.parse_args(argv)
-  if args.repeats is not None and args.repeats < 1:
-    p.error("--repeats must be >= 1")
-  repeats = args.repeats or (3 if args.quick else 20)
-  machine = bc.machine_info()
-  rows = run(QUICK if args.quick else CASES, repeats, args.torch_threads)
-  import torch
-  print(bc.machine_line(machine))
-  print(f"torch threads {torch.get_num_threads()}; median of {repeats}, strict alternation")
-  print()
-  print(table(rows))
-  bc.write_json(args.json, {"command": "python -m " + MODULE + " " + " ".join(argv or sys.argv[1:]),
-                            "machine": machine, "repeats": repeats, "rows": rows})
-  return 0
-
+  return bc.case_table_main(MODULE, __doc__, run, table, CASES, QUICK, default_repeats=20,
+                            per="part", argv=argv)
 
 if __name__ == "__main__":
   from fpdm_jax import host_memory

@@ -42,7 +42,6 @@ against ``xla`` (the last column, max relative difference).
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import os
 import shutil
@@ -185,8 +184,8 @@ def run(cases, repeats: int, torch_threads: int) -> list[dict]:
   jax_forms = {"xla": _xla, "per-tap": _per_tap, "im2col": _im2col, "row-fold": _row_fold,
                "s2d": _s2d}
   rows = []
-  workdir = Path(tempfile.mkdtemp(prefix="kernel_gradient_"))
-  direct = _build_direct(workdir)
+  with tempfile.TemporaryDirectory(prefix="kernel_gradient_") as workdir:
+    direct = _build_direct(Path(workdir))  # dlopen'ed: it outlives the directory
   for where, b, size, ch in cases:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, size, size, ch), np.float32)
@@ -223,7 +222,6 @@ def run(cases, repeats: int, torch_threads: int) -> list[dict]:
     print(f"[{len(rows)}/{len(cases)}] {where}: "
           + ", ".join(f"{n} {1e3 * rows[-1]['times'][n]['median_s']:.2f}" for n in times) + " ms",
           file=sys.stderr, flush=True)
-  shutil.rmtree(workdir, ignore_errors=True)
   return rows
 
 
@@ -241,28 +239,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m " + MODULE, description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--quick", action="store_true", help="smoke run: one tiny case, 3 repeats")
-  p.add_argument("--repeats", type=int, default=None, help="timed calls per form (default 15)")
-  p.add_argument("--torch-threads", type=int, default=0,
-                 help="torch.set_num_threads; 0 keeps torch's default (= cores)")
-  p.add_argument("--json", metavar="OUT.json", help="also write all results and the machine here")
-  args = p.parse_args(argv)
-  if args.repeats is not None and args.repeats < 1:
-    p.error("--repeats must be >= 1")
-  repeats = args.repeats or (3 if args.quick else 15)
-  machine = bc.machine_info()
-  rows = run(QUICK if args.quick else CASES, repeats, args.torch_threads)
-  import torch
-  print(bc.machine_line(machine))
-  print(f"torch threads {torch.get_num_threads()}; median of {repeats}, strict alternation")
-  print()
-  print(table(rows))
-  bc.write_json(args.json, {"command": "python -m " + MODULE + " " + " ".join(argv or sys.argv[1:]),
-                            "machine": machine, "repeats": repeats, "rows": rows})
-  return 0
-
+  return bc.case_table_main(MODULE, __doc__, run, table, CASES, QUICK, default_repeats=15,
+                            per="form", argv=argv)
 
 if __name__ == "__main__":
   from fpdm_jax import host_memory
