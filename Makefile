@@ -11,10 +11,10 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# Re-installs whenever pyproject.toml or the native block pool changes (setup.py
-# builds fpdm_jax/native/block_pool.c; fpdm_jax/host_memory.py says why).
+# Re-installs whenever pyproject.toml or a native source changes (setup.py
+# builds fpdm_jax/native/*; it says what each is for).
 # torch is pinned (2.13.0, CPU) in the test extra so pip never pulls a CUDA build.
-$(STAMP): pyproject.toml setup.py fpdm_jax/native/block_pool.c
+$(STAMP): pyproject.toml setup.py $(wildcard fpdm_jax/native/*.c fpdm_jax/native/*.cc)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[test]'
 	@touch $(STAMP)

@@ -1,13 +1,39 @@
-"""Builds fpdm_jax's one native piece; everything else is in pyproject.toml.
+"""Builds fpdm_jax's native pieces; everything else is in pyproject.toml.
 
-``fpdm_jax/native/block_pool.c`` becomes ``fpdm_jax/_block_pool*.so``, which
-CPU-only entry points LD_PRELOAD (fpdm_jax/host_memory.py says why). It is
-optional: without a C compiler the install goes on and the entry points run
-with glibc's allocator alone.
+- ``fpdm_jax/native/block_pool.c`` becomes ``fpdm_jax/_block_pool*.so``, which
+  CPU-only entry points LD_PRELOAD (fpdm_jax/host_memory.py says why).
+- ``fpdm_jax/native/conv_kernel_gradient.cc`` becomes an XLA FFI custom call,
+  built for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2) on x86 machines and
+  plainly elsewhere (fpdm_jax/models/conv_kernel_gradient.py picks the build
+  the CPU can run, and says why it exists). It needs XLA's FFI headers, which
+  jaxlib ships; pyproject's build requirements install jaxlib for this.
+
+Both are optional: without a C/C++ compiler (or jaxlib's headers) the
+install goes on, and fpdm_jax runs without them, slower on the CPU.
 """
+import os
+import platform
 import sys
 
 from setuptools import Extension, setup
+
+
+def _ffi_include_dir() -> str | None:
+  try:
+    import jaxlib
+  except ImportError:
+    return None
+  path = os.path.join(os.path.dirname(jaxlib.__file__), "include")
+  return path if os.path.isfile(os.path.join(path, "xla", "ffi", "api", "ffi.h")) else None
+
+
+def _conv_kernel_gradient(name: str, arch_flags: list[str], include: str) -> Extension:
+  return Extension(
+      f"fpdm_jax.{name}", ["fpdm_jax/native/conv_kernel_gradient.cc"], include_dirs=[include],
+      language="c++", optional=True,
+      extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden", "-Wno-psabi",
+                          "-Wno-attributes", *arch_flags])
+
 
 ext_modules = []
 if sys.platform.startswith("linux"):
@@ -15,5 +41,14 @@ if sys.platform.startswith("linux"):
       "fpdm_jax._block_pool", ["fpdm_jax/native/block_pool.c"],
       extra_compile_args=["-O2", "-fvisibility=default"], libraries=["dl", "pthread"],
       optional=True))
+  include = _ffi_include_dir()
+  if include is None:
+    print("setup.py: jaxlib's XLA FFI headers not found; the native conv kernel gradient "
+          "is not built", file=sys.stderr)
+  elif platform.machine().lower() in ("x86_64", "amd64"):
+    ext_modules += [_conv_kernel_gradient("_conv_kernel_gradient_v4", ["-march=x86-64-v4"], include),
+                    _conv_kernel_gradient("_conv_kernel_gradient_v3", ["-march=x86-64-v3"], include)]
+  else:
+    ext_modules.append(_conv_kernel_gradient("_conv_kernel_gradient", [], include))
 
 setup(ext_modules=ext_modules)

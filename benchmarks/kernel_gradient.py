@@ -1,17 +1,18 @@
-"""Ways to write a 3x3, stride-1 convolution's kernel gradient in JAX (and one
-in C++), against XLA's own and torch's, at the pose embedding's and the
-UNet's batch-8 shapes.
+"""Ways to write a 3x3, stride-1 convolution's kernel gradient in JAX, and
+fpdm_jax's native custom call, against XLA's own and torch's, at the pose
+embedding's and the UNet's batch-8 shapes.
 
   python -m benchmarks.kernel_gradient [--quick] [--json OUT.json] [--torch-threads N]
 
 Why this exists: at batch 8 the kernel gradients of the thin convolutions
 (8-32 channels at 64x64-256x256, the pose embedding) are where XLA:CPU is
-furthest behind torch's oneDNN, 2-3x (``benchmarks.convolution``). fpdm_jax
-keeps XLA's there: the forms built from dots are slower still, and the
-space-to-depth one, faster than XLA's on most of these rows, did not move
-the whole train step beyond noise (benchmarks/README.md, finding 20). This
-table is that evidence, so a new jaxlib can be judged in a minute and
-nobody re-tries the same forms:
+furthest behind torch's oneDNN, 2-3x (``benchmarks.convolution``). None of
+the ``lax`` forms below closed that (benchmarks/README.md, finding 20): the
+forms built from dots are slower than XLA's, and the space-to-depth one,
+faster on most rows, did not move the whole train step beyond noise. The
+native custom call did (finding 21), and is what fpdm_jax uses there. This
+table is the evidence, so a new jaxlib can be judged in a minute and nobody
+re-tries the same forms:
 
   xla        ``jax.vjp`` of ``lax.conv_general_dilated`` with respect to the
              kernel (what fpdm_jax uses from batch 2 on)
@@ -26,12 +27,10 @@ nobody re-tries the same forms:
   s2d        the convolution written over 2x2 space-to-depth blocks (a 2x2
              convolution of 4 C_in -> 4 C_out channels, 1.8x the FLOPs) and
              differentiated by JAX
-  direct     not JAX: ``benchmarks/direct_kernel_gradient.cc``, a plain C++
-             loop nest blocked by output row and channel block, built here
-             with ``g++ -O3 -march=native`` and called through ctypes on
-             both cores ("-" without g++). It asks whether a hand-written
-             kernel, which fpdm_jax would call as an XLA FFI custom call,
-             could close the gap; fpdm_jax does not use it
+  native     ``models.conv_kernel_gradient``: the C++ loop nest of
+             fpdm_jax/native/conv_kernel_gradient.cc as an XLA FFI custom
+             call on XLA's thread pool (what fpdm_jax uses in a one-device
+             CPU process; "-" if it was not built)
   torch      ``torch.ops.aten.convolution_backward`` asking for the weight
              gradient only
 
@@ -42,13 +41,7 @@ against ``xla`` (the last column, max relative difference).
 """
 from __future__ import annotations
 
-import ctypes
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 from benchmarks import common as bc
 
@@ -63,7 +56,7 @@ CASES = [
     ("UNet level 1, medium", 8, 32, 64),
 ]
 QUICK = [("tiny", 2, 16, 8)]
-FORMS = ("xla", "per-tap", "im2col", "row-fold", "s2d", "direct", "torch")
+FORMS = ("xla", "per-tap", "im2col", "row-fold", "s2d", "native", "torch")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _PAD = ((1, 1), (1, 1))
 
@@ -135,44 +128,9 @@ def _s2d(x, dy, w_shape):
   return vjp(dy)[0]
 
 
-def _build_direct(workdir: Path):
-  """Compile the direct C++ kernel gradient; None (with a note) if that fails."""
-  compiler = shutil.which("g++") or shutil.which("c++")
-  if compiler is None:
-    print("no g++ / c++: the direct column is left out", file=sys.stderr)
-    return None
-  lib = workdir / "direct_kernel_gradient.so"
-  cmd = [compiler, "-O3", "-march=native", "-shared", "-fPIC", "-pthread", "-o", str(lib),
-         str(Path(__file__).with_name("direct_kernel_gradient.cc"))]
-  done = subprocess.run(cmd, capture_output=True, text=True)
-  if done.returncode != 0:
-    print(f"building the direct kernel failed, its column is left out:\n{done.stderr}",
-          file=sys.stderr)
-    return None
-  fn = ctypes.CDLL(str(lib)).direct_kernel_gradient
-  fn.restype = ctypes.c_int
-  return fn
-
-
-def _direct_call(fn, x, dy):
-  """A no-argument call of the C++ kernel on host arrays, or None where it has
-  no instance for these channel counts."""
-  import numpy as np
-  b, h, w, cin = x.shape
-  cout = dy.shape[-1]
-  out = np.zeros((3, 3, cin, cout), np.float32)
-  threads = len(os.sched_getaffinity(0))
-  ptr = ctypes.POINTER(ctypes.c_float)
-  args = (x.ctypes.data_as(ptr), dy.ctypes.data_as(ptr), b, h, w, cin, cout,
-          out.ctypes.data_as(ptr), threads)
-  if fn(*args) != 0:
-    return None
-
-  def call():
-    fn(*args)
-    return out
-
-  return call
+def _native(x, dy, w_shape):
+  from fpdm_jax.models import conv_kernel_gradient
+  return conv_kernel_gradient.kernel_gradient(x, dy, w_shape, (1, 1), _PAD)
 
 
 def run(cases, repeats: int, torch_threads: int) -> list[dict]:
@@ -181,11 +139,15 @@ def run(cases, repeats: int, torch_threads: int) -> list[dict]:
   import torch
   if torch_threads:
     torch.set_num_threads(torch_threads)
+  from fpdm_jax.models import conv_kernel_gradient
   jax_forms = {"xla": _xla, "per-tap": _per_tap, "im2col": _im2col, "row-fold": _row_fold,
                "s2d": _s2d}
+  if conv_kernel_gradient.available():
+    jax_forms["native"] = _native
+  else:
+    print("the native kernel gradient is not built (or switched off): its column is left out",
+          file=sys.stderr)
   rows = []
-  with tempfile.TemporaryDirectory(prefix="kernel_gradient_") as workdir:
-    direct = _build_direct(Path(workdir))  # dlopen'ed: it outlives the directory
   for where, b, size, ch in cases:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((b, size, size, ch), np.float32)
@@ -207,10 +169,6 @@ def run(cases, repeats: int, torch_threads: int) -> list[dict]:
 
     outs["torch"] = torch_kgrad().numpy().transpose(2, 3, 1, 0)
     calls["torch"] = torch_kgrad
-    direct_call = direct and _direct_call(direct, x, dy)
-    if direct_call:
-      outs["direct"] = direct_call().copy()
-      calls["direct"] = direct_call
     times, _ = bc.interleaved(calls, repeats, warmup=3)
     ref = outs["xla"]
     rows.append({
@@ -227,14 +185,17 @@ def run(cases, repeats: int, torch_threads: int) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
   head = ("| kernel gradient (batch, size, channels) | GFLOP | "
-          + " | ".join(f"{n} ms" for n in FORMS) + " | torch / xla | max rel. diff |")
-  lines = [head, "|---|---:|" + "---:|" * len(FORMS) + "---:|---:|"]
+          + " | ".join(f"{n} ms" for n in FORMS)
+          + " | torch / xla | torch / native | max rel. diff |")
+  lines = [head, "|---|---:|" + "---:|" * len(FORMS) + "---:|---:|---:|"]
   for r in rows:
     med = {n: 1e3 * t["median_s"] for n, t in r["times"].items()}
     lines.append(f"| {r['where']} (b{r['batch']}, {r['size']}², {r['channels']}→{r['channels']}) | "
                  f"{r['gflop']:.2f} | "
                  + " | ".join(f"{med[n]:.2f}" if n in med else "-" for n in FORMS)
-                 + f" | {med['torch'] / med['xla']:.2f}× | {r['max_rel_diff']:.0e} |")
+                 + f" | {med['torch'] / med['xla']:.2f}× | "
+                 + (f"{med['torch'] / med['native']:.2f}×" if "native" in med else "-")
+                 + f" | {r['max_rel_diff']:.0e} |")
   return "\n".join(lines)
 
 

@@ -3,17 +3,21 @@
 It is ``lax.conv_general_dilated``, with two of its gradients and one
 forward written another way on XLA:CPU, where XLA's own convolution kernels
 run them far below the machine's matmul rate (benchmarks/README.md, findings
-11, 12 and 16):
+11, 12, 16 and 21):
 
-- **Kernel gradient at batch 1.** XLA computes d(loss)/d(kernel) as a
-  convolution that contracts over the batch dimension, which at batch 1 has
-  length 1: a 32x32, 64 -> 64 kernel gradient takes 4.4 ms against torch's
-  1.7 ms. The same sum, for a 3x3 kernel,
+- **Kernel gradient of thin convolutions** (3-96 channels on one side: the
+  pose embedding, a small UNet). XLA computes d(loss)/d(kernel) as a
+  convolution that contracts over batch and pixels, 2-3x slower than torch's
+  oneDNN at batch 8 (finding 20) and worse at batch 1, where the contracted
+  batch dimension has length 1: a 32x32, 64 -> 64 kernel gradient takes 1.8
+  ms against 0.5 ms. In a one-device CPU process with the native custom call
+  built (``models.conv_kernel_gradient``), that is what computes it. Without
+  it, at batch 1 only, the same sum for a 3x3 kernel,
 
     dW[i, j] = sum_{h, w} x_pad[s*h + i, s*w + j, :]^T dy[h, w, :]
 
   is nine [C_in, H*W] x [H*W, C_out] matmuls that contract over the pixels
-  (1.7 ms). From batch 2 on XLA's kernel gradient is as fast or faster.
+  (64 -> 64: 1.7 ms against XLA's 4.4); from batch 2 on XLA's own is as fast.
 - **Input gradient of a stride-2 convolution with few input channels** (the
   pose embedding's downsampling convs at 256x256 and 128x128). XLA writes it
   as a convolution of the zero-dilated output gradient, which its kernels run
@@ -40,7 +44,8 @@ are used only when JAX's default backend is the CPU. Like any
 convolutions fails on the CPU (nothing in fpdm_jax uses forward mode);
 ``FPDM_CONV_CPU_GRADIENTS=0`` in the environment turns all three rules off (and
 ``models.dense``'s kernel-gradient rule with them), for that or to measure
-what they change.
+what they change; ``FPDM_CONV_NATIVE_KERNEL_GRADIENT=0`` only the native
+kernel gradient.
 """
 from __future__ import annotations
 
@@ -51,13 +56,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from fpdm_jax import xla_cpu_flags
+from fpdm_jax.models import conv_kernel_gradient as native
 
 ENV_OPT_OUT = "FPDM_CONV_CPU_GRADIENTS"
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
-# Per-tap kernel gradients for 3x3 kernels and smaller. A 16x16 patchify conv
-# would be 256 thin matmuls.
+# Per-tap and native kernel gradients for 3x3 kernels and smaller. A 16x16
+# patchify conv would be 256 thin matmuls.
 _MAX_TAPS = 9
+# Native kernel gradients where the narrower side has at most this many
+# channels. Batch 8: 64x64, 96 -> 96 is 17 -> 15 ms and 32x32, 256 -> 64 9.5 ->
+# 7.9 ms, but 16x16, 128 -> 128 is 2.4 -> 2.9 ms.
+_MAX_NATIVE_CHANNELS = 96
 # Space-to-depth input gradients up to 32 input channels: batch 8, 128x128,
 # 32 -> 96 is 60 -> 37 ms that way, but 64x64, 96 -> 256 is 35 -> 47 ms.
 _MAX_S2D_IN_CHANNELS = 32
@@ -79,7 +89,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                  feature_group_count, batch_group_count, kwargs):
     strides = tuple(window_strides)
     padding = tuple(tuple(p) for p in padding)
-    if (_per_tap_kernel_gradient(lhs.shape, rhs.shape) or _s2d_input_gradient(rhs.shape, strides)
+    if (_native_kernel_gradient(lhs, rhs) or _per_tap_kernel_gradient(lhs.shape, rhs.shape)
+        or _s2d_input_gradient(rhs.shape, strides)
         or _tap_sum_forward(lhs.shape, rhs.shape, strides, padding)):
       return _conv(lhs, rhs, strides, padding, precision)
   return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
@@ -103,6 +114,17 @@ def _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers
           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
           and kwargs.get("preferred_element_type") is None
           and kwargs.get("out_sharding") is None)
+
+
+def _native_kernel_gradient(x, w) -> bool:
+  """Where ``models.conv_kernel_gradient`` computes the kernel gradient: float32,
+  3x3 or smaller, C_out a multiple of 8, a thin side, one CPU device (a custom
+  call is not partitioned: sharded, XLA would gather its operands)."""
+  from fpdm_jax.models import dense  # dense imports this module
+  kh, kw, cin, cout = w.shape
+  return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and kh * kw <= _MAX_TAPS
+          and cout % 8 == 0 and min(cin, cout) <= _MAX_NATIVE_CHANNELS
+          and dense.single_cpu_device() and native.available())
 
 
 def _per_tap_kernel_gradient(x_shape, w_shape) -> bool:
@@ -154,7 +176,9 @@ def _conv_bwd(strides, padding, precision, residuals, dy):
   else:
     _, input_vjp = jax.vjp(lambda x: _plain_conv(x, w, strides, padding, precision), x)
   (dx,) = input_vjp(dy)
-  if _per_tap_kernel_gradient(x.shape, w.shape):
+  if _native_kernel_gradient(x, w) and dy.dtype == jnp.float32:
+    dw = native.kernel_gradient(x, dy, w.shape, strides, padding)
+  elif _per_tap_kernel_gradient(x.shape, w.shape):
     dw = kernel_gradient(x, dy, w.shape, strides, padding, precision).astype(w.dtype)
   else:
     _, kernel_vjp = jax.vjp(lambda w: _plain_conv(x, w, strides, padding, precision), w)

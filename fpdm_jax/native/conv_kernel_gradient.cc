@@ -1,0 +1,241 @@
+// The kernel gradient of a thin NHWC x HWIO convolution, as an XLA:CPU FFI
+// custom call (fpdm_jax/models/convolution.py says when it is used, and why).
+//
+//   dW[i][j][c][o] = sum_{b, y, x} x[b][sh*y + i - pt][sw*x + j - pl][c] * dy[b][y][x][o]
+//
+// XLA computes this as a convolution that contracts over batch and pixels,
+// with a huge contraction and an 8..64-wide result on each side, which its
+// CPU kernels run 2-3x slower than oneDNN (benchmarks/README.md, finding 20).
+// This is the loop nest oneDNN uses instead:
+//
+// - One output row at a time, so the input rows and the output-gradient row
+//   it reads (a few KiB each) stay in L1 across the kh * kw taps.
+// - Per tap, a CB x OB block of dW accumulates in registers over the row; CB
+//   and OB are template parameters so the compiler unrolls and vectorises the
+//   inner loops for whatever ISA this file is built for (setup.py).
+// - Rows are split into a fixed number of chunks, each with its own
+//   accumulator, summed in chunk order at the end: the result does not depend
+//   on the thread count or on which thread ran which chunk, so training stays
+//   bit-for-bit reproducible. Chunks run on XLA's own intra-op thread pool;
+//   the calling thread takes chunks too and never waits for a task that has
+//   not started, so a busy pool cannot deadlock it.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// GCC/Clang vector types: V8 is one ymm (AVX2) register, V16 one zmm. The
+// compiler lowers them to whatever the ISA this file is built for has
+// (setup.py builds it for x86-64-v3 and -v4, and plainly elsewhere).
+typedef float V8 __attribute__((vector_size(32)));
+typedef float V16 __attribute__((vector_size(64)));
+
+#if defined(__AVX512F__)
+constexpr int kRegisters = 32;
+#else
+constexpr int kRegisters = 16;
+#endif
+// At most this many row chunks (and partial sums): enough to keep 16 threads
+// busy, few enough that summing the partial kernels costs little.
+constexpr int64_t kMaxChunks = 16;
+
+template <typename V>
+inline V Load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename V>
+inline void Store(float* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// acc[c][o] (rows cout apart) += sum_k xs[k * xstep + c] * d[k * cout + o]
+// for CB input channels and NV vectors of output channels, all held in
+// registers over the k loop.
+template <typename V, int CB, int NV>
+void AccumulateBlock(const float* xs, int64_t xstep, const float* d, int64_t cout, int64_t n,
+                     float* acc) {
+  constexpr int kLanes = sizeof(V) / sizeof(float);
+  V a[CB][NV];
+  for (int c = 0; c < CB; ++c)
+    for (int v = 0; v < NV; ++v) a[c][v] = Load<V>(acc + c * cout + v * kLanes);
+  for (int64_t k = 0; k < n; ++k) {
+    const float* xk = xs + k * xstep;
+    V dk[NV];
+    for (int v = 0; v < NV; ++v) dk[v] = Load<V>(d + k * cout + v * kLanes);
+    for (int c = 0; c < CB; ++c) {
+      const float x = xk[c];
+      for (int v = 0; v < NV; ++v) a[c][v] += x * dk[v];
+    }
+  }
+  for (int c = 0; c < CB; ++c)
+    for (int v = 0; v < NV; ++v) Store(acc + c * cout + v * kLanes, a[c][v]);
+}
+
+using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
+
+// How many input channels a block of NV output vectors takes: as many
+// accumulators as fit in the registers left after NV output-gradient vectors
+// and one broadcast input value.
+template <int NV>
+constexpr int kInputBlock = std::min(16, (kRegisters - 1 - NV) / NV);
+
+// blocks[r - 1] takes r input channels, for r = 1 .. kInputBlock<NV>: the
+// full block, and whatever is left over at the end of the input channels.
+template <typename V, int NV, int... I>
+constexpr std::array<BlockFn, sizeof...(I)> BlockTable(std::integer_sequence<int, I...>) {
+  return {AccumulateBlock<V, I + 1, NV>...};
+}
+
+template <typename V, int NV>
+constexpr auto kBlocks = BlockTable<V, NV>(std::make_integer_sequence<int, kInputBlock<NV>>());
+
+struct Blocking {
+  const BlockFn* blocks = nullptr;  // nullptr: cout is not a multiple of 8
+  int cb = 0, ob = 0;
+};
+
+template <typename V, int NV>
+Blocking Use() {
+  return {kBlocks<V, NV>.data(), kInputBlock<NV>, NV * static_cast<int>(sizeof(V) / 4)};
+}
+
+// The widest output block that divides cout.
+Blocking PickBlocking(int64_t cout) {
+#if defined(__AVX512F__)
+  if (cout % 64 == 0) return Use<V16, 4>();
+  if (cout % 32 == 0) return Use<V16, 2>();
+  if (cout % 16 == 0) return Use<V16, 1>();
+#else
+  if (cout % 32 == 0) return Use<V8, 4>();
+  if (cout % 16 == 0) return Use<V8, 2>();
+#endif
+  if (cout % 8 == 0) return Use<V8, 1>();
+  return {};
+}
+
+struct Problem {
+  const float* x;
+  const float* dy;
+  int64_t height, width, cin;  // x is [batch, height, width, cin]
+  int64_t out_h, out_w, cout;  // dy is [batch, out_h, out_w, cout]
+  int64_t kh, kw, sh, sw, pt, pl;
+  Blocking blocking;
+};
+
+// Adds rows [r0, r1) of the batch's output rows into acc ([kh, kw, cin, cout]).
+void AccumulateRows(const Problem& p, int64_t r0, int64_t r1, float* acc) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / p.out_h, y = r % p.out_h;
+    const float* dy_row = p.dy + r * p.out_w * p.cout;
+    for (int64_t i = 0; i < p.kh; ++i) {
+      const int64_t yy = p.sh * y + i - p.pt;
+      if (yy < 0 || yy >= p.height) continue;  // a zero-padding row
+      const float* x_row = p.x + (b * p.height + yy) * p.width * p.cin;
+      for (int64_t j = 0; j < p.kw; ++j) {
+        // Output columns whose input column lies inside the image.
+        int64_t x0 = 0, x1 = p.out_w;
+        while (x0 < x1 && p.sw * x0 + j - p.pl < 0) ++x0;
+        while (x1 > x0 && p.sw * (x1 - 1) + j - p.pl >= p.width) --x1;
+        if (x0 == x1) continue;
+        const float* xs = x_row + (p.sw * x0 + j - p.pl) * p.cin;
+        const float* d = dy_row + x0 * p.cout;
+        float* tap = acc + (i * p.kw + j) * p.cin * p.cout;
+        const Blocking& k = p.blocking;
+        for (int64_t c = 0; c < p.cin; c += k.cb) {
+          const BlockFn fn = k.blocks[std::min<int64_t>(k.cb, p.cin - c) - 1];
+          for (int64_t o = 0; o < p.cout; o += k.ob)
+            fn(xs + c, p.sw * p.cin, d + o, p.cout, x1 - x0, tap + c * p.cout + o);
+        }
+      }
+    }
+  }
+}
+
+// Chunks handed out to whichever thread asks next; outlives the handler call
+// if a pool task starts after all the work is done.
+struct Chunks {
+  Problem problem;
+  int64_t rows, count, size;  // size: floats of one partial kernel
+  std::vector<float> partial;  // count partial kernels
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+  int64_t done = 0;
+
+  void Work() {
+    for (int64_t c; (c = next.fetch_add(1)) < count;) {
+      float* acc = partial.data() + c * size;
+      std::fill(acc, acc + size, 0.f);
+      AccumulateRows(problem, rows * c / count, rows * (c + 1) / count, acc);
+      std::lock_guard<std::mutex> lock(mu);
+      if (++done == count) all_done.notify_all();
+    }
+  }
+};
+
+using Image = ffi::Buffer<ffi::F32, 4>;  // NHWC images and HWIO kernels
+
+ffi::Error KernelGradient(ffi::ThreadPool pool, Image x, Image dy, ffi::Result<Image> dw,
+                          int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left) {
+  const auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
+  if (xd[0] != dd[0] || wd[2] != xd[3] || wd[3] != dd[3] || stride_h < 1 || stride_w < 1)
+    return ffi::Error::InvalidArgument("fpdm_conv_kernel_gradient: inconsistent shapes");
+  auto chunks = std::make_shared<Chunks>();
+  Problem& p = chunks->problem;
+  p = Problem{x.typed_data(), dy.typed_data(), xd[1], xd[2], xd[3], dd[1], dd[2], dd[3],
+              wd[0], wd[1], stride_h, stride_w, pad_top, pad_left, PickBlocking(dd[3])};
+  if (p.blocking.blocks == nullptr)
+    return ffi::Error::InvalidArgument("fpdm_conv_kernel_gradient: output channels % 8 != 0");
+  chunks->size = p.kh * p.kw * p.cin * p.cout;
+  chunks->rows = xd[0] * p.out_h;
+  chunks->count = std::max<int64_t>(1, std::min(chunks->rows, kMaxChunks));
+  chunks->partial.resize(chunks->count * chunks->size);
+
+  const int64_t helpers = std::min(pool.num_threads(), chunks->count - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([chunks] { chunks->Work(); });
+  chunks->Work();
+  {
+    std::unique_lock<std::mutex> lock(chunks->mu);
+    chunks->all_done.wait(lock, [&] { return chunks->done == chunks->count; });
+  }
+  float* out = dw->typed_data();
+  const float* partial = chunks->partial.data();
+  std::copy(partial, partial + chunks->size, out);
+  for (int64_t c = 1; c < chunks->count; ++c) {
+    const float* s = partial + c * chunks->size;
+    for (int64_t k = 0; k < chunks->size; ++k) out[k] += s[k];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The one exported symbol (the rest is built with -fvisibility=hidden).
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* FpdmConvKernelGradient(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmConvKernelGradient, KernelGradient,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Image>()
+                                  .Arg<Image>()
+                                  .Ret<Image>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));

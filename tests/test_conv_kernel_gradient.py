@@ -1,0 +1,181 @@
+"""fpdm_jax/native/conv_kernel_gradient.cc, the native kernel gradient of thin
+convolutions: what autodiff of ``lax.conv_general_dilated`` gives (to float32
+summation order) for every build this CPU can run, the same bits on every
+call, taken by the model convolution exactly where it is meant to be, and
+still there when a step is loaded from JAX's persistent compilation cache.
+"""
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from fpdm_jax.models import conv_kernel_gradient as native
+from fpdm_jax.models import convolution, dense
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+if native.library() is None:
+  if sys.platform.startswith("linux") and shutil.which("g++"):
+    pytest.fail("no fpdm_jax/_conv_kernel_gradient*.so for this CPU although g++ is installed: "
+                "re-run `pip install -e .` (or `make install`) and read its build output",
+                pytrace=False)
+  pytest.skip("the native kernel gradient is built only on Linux with a C++ compiler",
+              allow_module_level=True)
+
+
+def _builds() -> list[str]:
+  """Every build of the library in fpdm_jax/ that this CPU can run."""
+  flags = native._cpu_flags()
+  x86 = platform.machine().lower() in ("x86_64", "amd64")
+  here = os.path.dirname(os.path.dirname(native.__file__))
+  found = []
+  for name, needs in native._BUILDS["x86" if x86 else "other"]:
+    for f in sorted(os.listdir(here)):
+      if f.startswith(name + ".") and f.endswith(".so") and needs <= flags:
+        found.append(os.path.join(here, f))
+  return found
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_device(monkeypatch):
+  """The suite simulates 8 CPU devices; the rule is for one-device processes."""
+  monkeypatch.setattr(dense, "single_cpu_device", lambda: True)
+
+
+def _lax_kernel_gradient(x, dy, kernel_shape, strides, padding):
+  conv = lambda w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)  # noqa: E731
+  return jax.vjp(conv, jnp.zeros(kernel_shape, jnp.float32))[1](dy)[0]
+
+
+def _native_calls(f, *args) -> int:
+  """Custom calls to the native kernel gradient in the jaxpr of ``jax.grad(f)``."""
+  return str(jax.make_jaxpr(jax.grad(f))(*args)).count("target_name=fpdm_conv_kernel_gradient")
+
+
+# (batch, (height, width), C_in, C_out, kernel, stride, padding). The block
+# sizes are 8 to 64 output channels by 1 to 16 input channels, so these cover
+# full blocks and left-over input channels; rows (batch * output height) below
+# and above the 16 chunks; zero-padding rows and columns on every side.
+CASES = [
+    (2, (9, 7), 3, 8, 3, 1, ((1, 1), (1, 1))),      # RGB input, odd sizes
+    (2, (16, 16), 20, 16, 3, 2, ((1, 1), (1, 1))),  # stride 2, 20 = 16 + 4 input channels
+    (1, (9, 8), 8, 24, 3, 2, ((0, 1), (0, 1))),     # VAE's asymmetric downsample, 24 = 3 x 8
+    (3, (5, 6), 33, 64, 1, 1, ((0, 0), (0, 0))),    # 1x1 shortcut, 33 input channels
+    (2, (7, 7), 5, 32, 2, 1, ((1, 0), (0, 1))),     # even kernel, uneven padding
+    (4, (24, 20), 16, 96, 3, 1, ((1, 1), (1, 1))),  # 96 rows in 16 chunks
+    (1, (6, 10), 96, 40, 3, 1, ((2, 0), (0, 2))),   # wide input, padding on one side only
+]
+
+
+@pytest.mark.parametrize("build", _builds(), ids=lambda p: os.path.basename(p).split(".")[0])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}-{c[2]}to{c[3]}-k{c[4]}s{c[5]}")
+def test_matches_autodiff_of_lax(build, case, monkeypatch):
+  monkeypatch.setattr(native, "library", lambda: build)
+  b, size, cin, cout, k, s, padding = case
+  rng = np.random.default_rng(cin * 100 + cout)
+  x = jnp.asarray(rng.normal(size=(b, *size, cin)), jnp.float32)
+  w_shape = (k, k, cin, cout)
+  out = lax.conv_general_dilated(x, jnp.zeros(w_shape), (s, s), padding, dimension_numbers=NHWC)
+  dy = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
+  want = _lax_kernel_gradient(x, dy, w_shape, (s, s), padding)
+  # A fresh function per build: jit caches traces by function.
+  call = jax.jit(lambda x, dy: native.kernel_gradient(x, dy, w_shape, (s, s), padding))
+  assert f"target_name={native.target()}\n" in str(jax.make_jaxpr(call)(x, dy))
+  got = call(x, dy)
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()))
+  # Chunks are summed in a fixed order: the same bits every time.
+  np.testing.assert_array_equal(call(x, dy), got)
+
+
+def test_model_conv_takes_it_and_matches_lax():
+  """The model convolution's kernel gradient is the custom call at batch 8 and
+  batch 1 (where it replaces the per-tap matmuls), input gradient unchanged."""
+  rng = np.random.default_rng(0)
+  for batch in (8, 1):
+    x = jnp.asarray(rng.normal(size=(batch, 12, 12, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)) * 0.1, jnp.float32)
+    pad = ((1, 1), (1, 1))
+
+    def loss(conv, x, w):
+      return jnp.sum(jnp.sin(conv(x, w, (2, 2), pad, dimension_numbers=NHWC)))
+
+    want = jax.grad(loss, argnums=(1, 2))(lax.conv_general_dilated, x, w)
+    got = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(
+        convolution.conv_general_dilated, x, w)
+    for g, r in zip(got, want):
+      np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()))
+    ours = lambda w: loss(convolution.conv_general_dilated, x, w)  # noqa: E731
+    assert _native_calls(ours, w) == 1
+    assert str(jax.make_jaxpr(jax.grad(ours))(w)).count("dot_general") == 0
+
+
+@pytest.mark.parametrize("case", ["8 devices", "bfloat16", "C_out 12", "128 -> 128", "5x5",
+                                  "switched off", "all rules off"])
+def test_not_taken_where_it_does_not_apply(case, monkeypatch):
+  """Sharded processes (a custom call is not partitioned), other dtypes, output
+  channels that are not a multiple of 8, no thin side, kernels over 3x3 and
+  either switch keep the lax gradients."""
+  cin, cout, k, dtype = 16, 16, 3, jnp.float32
+  if case == "8 devices":
+    monkeypatch.setattr(dense, "single_cpu_device", lambda: False)
+  elif case == "bfloat16":
+    dtype = jnp.bfloat16
+  elif case == "C_out 12":
+    cout = 12
+  elif case == "128 -> 128":
+    cin = cout = 128
+  elif case == "5x5":
+    k = 5
+  elif case == "switched off":
+    monkeypatch.setenv(native.ENV_OPT_OUT, "0")
+  else:
+    monkeypatch.setenv(convolution.ENV_OPT_OUT, "0")
+  x = jnp.ones((2, 8, 8, cin), dtype)
+  w = jnp.ones((k, k, cin, cout), dtype)
+  loss = lambda w: convolution.conv_general_dilated(  # noqa: E731
+      x, w, (1, 1), ((k // 2, k // 2),) * 2, dimension_numbers=NHWC).astype(jnp.float32).sum()
+  assert _native_calls(loss, w) == 0
+
+
+def test_rejects_what_it_cannot_compute():
+  x, dy = jnp.ones((1, 4, 4, 3)), jnp.ones((1, 4, 4, 12))
+  with pytest.raises(ValueError, match="C_out % 8"):
+    native.kernel_gradient(x, dy, (3, 3, 3, 12), (1, 1), ((1, 1), (1, 1)))
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    from fpdm_jax.models import convolution
+    assert jax.device_count() == 1
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 8)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 8, 16)), jnp.float32)
+    loss = lambda w: jnp.sum(jnp.sin(convolution.conv_general_dilated(
+        x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+    assert "fpdm_conv_kernel_gradient" in str(jax.make_jaxpr(jax.grad(loss))(w))
+    np.save(sys.argv[2], np.asarray(jax.jit(jax.grad(loss))(w)))
+""")
+
+
+def test_a_cached_executable_finds_the_custom_call(tmp_path):
+  """The second process loads the step the first compiled into the persistent
+  cache: the custom call must be registered by then, and give the same bits."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+  cache = tmp_path / "cache"
+  for run in ("first", "second"):
+    subprocess.run([sys.executable, "-c", SCRIPT, str(cache), str(tmp_path / f"{run}.npy")],
+                   env=env, check=True, timeout=300)
+  assert any(cache.iterdir())
+  np.testing.assert_array_equal(np.load(tmp_path / "first.npy"), np.load(tmp_path / "second.npy"))
