@@ -50,6 +50,10 @@ constexpr int kRegisters = 16;
 // At most this many row chunks (and partial sums): enough to keep 16 threads
 // busy, few enough that summing the partial kernels costs little.
 constexpr int64_t kMaxChunks = 16;
+// Below this many multiply-adds (tens of microseconds on one core) waking
+// pool threads costs more than they save: the calling thread runs every
+// chunk itself. The chunks, and so the result, are the same either way.
+constexpr int64_t kMinParallelMacs = int64_t{1} << 21;
 
 template <typename V>
 inline V Load(const float* p) {
@@ -206,7 +210,9 @@ ffi::Error KernelGradient(ffi::ThreadPool pool, Image x, Image dy, ffi::Result<I
   chunks->count = std::max<int64_t>(1, std::min(chunks->rows, kMaxChunks));
   chunks->partial.resize(chunks->count * chunks->size);
 
-  const int64_t helpers = std::min(pool.num_threads(), chunks->count - 1);
+  const int64_t macs = chunks->rows * p.out_w * chunks->size;
+  const int64_t helpers =
+      macs < kMinParallelMacs ? 0 : std::min(pool.num_threads(), chunks->count - 1);
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([chunks] { chunks->Work(); });
   chunks->Work();
   {
