@@ -1,6 +1,6 @@
 """Ways to write a 3x3, stride-1 convolution's kernel gradient in JAX, and
 fpdm_jax's native custom call, against XLA's own and torch's, at the pose
-embedding's and the UNet's batch-8 shapes.
+embedding's and the UNet's shapes (batch 8, and one at batch 1).
 
   python -m benchmarks.kernel_gradient [--quick] [--json OUT.json] [--torch-threads N]
 
@@ -53,7 +53,10 @@ CASES = [
     ("pose emb. 128x128, small", 8, 128, 16),
     ("pose emb. 128x128, medium", 8, 128, 32),
     ("pose emb. 64x64, small", 8, 64, 32),
+    ("pose emb. 64x64, medium", 8, 64, 96),
     ("UNet level 1, medium", 8, 32, 64),
+    ("UNet level 2, medium", 8, 16, 128),
+    ("UNet level 1, medium, batch 1", 1, 32, 64),
 ]
 QUICK = [("tiny", 2, 16, 8)]
 FORMS = ("xla", "per-tap", "im2col", "row-fold", "s2d", "native", "torch")

@@ -6,9 +6,9 @@ that contracts over batch and pixels, 2-3x slower than oneDNN at the pose
 embedding's and a small UNet's shapes (benchmarks/README.md, finding 20), and
 no ``lax`` rewrite of the sum was faster (finding 20 lists the forms tried).
 ``fpdm_jax/native/conv_kernel_gradient.cc`` is the loop nest oneDNN uses,
-registered with XLA through its FFI and run on XLA's own thread pool; at batch
-8 it is 1.6-4x faster than XLA's kernel on those shapes, and 3-12x at batch 1
-(``python -m benchmarks.kernel_gradient``).
+registered with XLA through its FFI and run on XLA's own thread pool. On
+those shapes it is 2-4x faster than XLA's kernel and a little faster than
+oneDNN (``python -m benchmarks.kernel_gradient``; finding 21).
 
 setup.py builds it at install for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2),
 or plainly on other Linux machines; ``library()`` picks the build this CPU

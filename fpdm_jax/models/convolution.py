@@ -9,10 +9,10 @@ run them far below the machine's matmul rate (benchmarks/README.md, findings
   pose embedding, a small UNet). XLA computes d(loss)/d(kernel) as a
   convolution that contracts over batch and pixels, 2-3x slower than torch's
   oneDNN at batch 8 (finding 20) and worse at batch 1, where the contracted
-  batch dimension has length 1: a 32x32, 64 -> 64 kernel gradient takes 1.8
-  ms against 0.5 ms. In a one-device CPU process with the native custom call
-  built (``models.conv_kernel_gradient``), that is what computes it. Without
-  it, at batch 1 only, the same sum for a 3x3 kernel,
+  batch dimension has length 1. In a one-device CPU process with the native
+  custom call built (``models.conv_kernel_gradient``), that computes it,
+  2-4x faster (``python -m benchmarks.kernel_gradient``). Without it, at
+  batch 1 only, the same sum for a 3x3 kernel,
 
     dW[i, j] = sum_{h, w} x_pad[s*h + i, s*w + j, :]^T dy[h, w, :]
 
@@ -65,8 +65,8 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 # patchify conv would be 256 thin matmuls.
 _MAX_TAPS = 9
 # Native kernel gradients where the narrower side has at most this many
-# channels. Batch 8: 64x64, 96 -> 96 is 17 -> 15 ms and 32x32, 256 -> 64 9.5 ->
-# 7.9 ms, but 16x16, 128 -> 128 is 2.4 -> 2.9 ms.
+# channels: at batch 8 it is about as fast as XLA's at 64x64, 96 -> 96, and
+# slower at 16x16, 128 -> 128 (python -m benchmarks.kernel_gradient).
 _MAX_NATIVE_CHANNELS = 96
 # Space-to-depth input gradients up to 32 input channels: batch 8, 128x128,
 # 32 -> 96 is 60 -> 37 ms that way, but 64x64, 96 -> 256 is 35 -> 47 ms.
