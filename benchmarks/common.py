@@ -217,22 +217,24 @@ def jax_memory(compiled) -> dict:
 
 
 def jax_flops(compiled) -> float | None:
-  """XLA's FLOP count of ``compiled`` plus what its native kernel-gradient
-  custom calls do, which XLA's cost analysis counts as nothing."""
+  """XLA's FLOP count of ``compiled`` plus what its native convolution custom
+  calls do, which XLA's cost analysis counts as nothing."""
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else None
   if not ca:
     return None
-  return float(ca.get("flops", 0.0)) + native_kernel_gradient_flops(compiled.as_text()) or None
+  return float(ca.get("flops", 0.0)) + native_conv_flops(compiled.as_text()) or None
 
 
+# A native convolution call in optimised HLO: result shape, target, the two
+# operands' shapes, then the strides and top/left padding.
 _NATIVE_CALL = re.compile(
     r"= f32\[(\d+),(\d+),(\d+),(\d+)\]\S* custom-call\(.*custom_call_target="
-    r"\"fpdm_conv_kernel_gradient\w*\", operand_layout_constraints=\{"
-    r"f32\[\d+,(\d+),(\d+),\d+\]\S*, f32\[(\d+),(\d+),(\d+),\d+\].*backend_config=\{"
-    r"pad_left = (\d+) : i64, pad_top = (\d+) : i64, stride_h = (\d+) : i64, "
-    r"stride_w = (\d+) : i64\}")
+    r"\"fpdm_native_conv\w*_(forward|kernel_gradient)\", operand_layout_constraints=\{"
+    r"f32\[(\d+),(\d+),(\d+),(\d+)\]\S*, f32\[(\d+),(\d+),(\d+),(\d+)\].*"
+    r"backend_config=\{pad_left = (\d+) : i64, pad_top = (\d+) : i64, "
+    r"stride_h = (\d+) : i64, stride_w = (\d+) : i64\}")
 
 
 def _valid(taps: int, out: int, size: int, pad: int, stride: int) -> int:
@@ -240,14 +242,20 @@ def _valid(taps: int, out: int, size: int, pad: int, stride: int) -> int:
   return sum(0 <= stride * o + t - pad < size for t in range(taps) for o in range(out))
 
 
-def native_kernel_gradient_flops(hlo_text: str) -> float:
-  """2 x the multiply-adds of every ``models.conv_kernel_gradient`` call in an
+def native_conv_flops(hlo_text: str) -> float:
+  """2 x the multiply-adds of every ``models.native_conv`` call in an
   optimised HLO module, counting only taps that read inside the image, as
-  XLA's cost analysis counts its own kernel-gradient convolution."""
+  XLA's cost analysis counts its own convolutions."""
   total = 0.0
   for m in _NATIVE_CALL.finditer(hlo_text):
-    kh, kw, cin, cout, h, w, b, ho, wo, pl, pt, sh, sw = map(int, m.groups())
-    total += 2.0 * cin * cout * b * _valid(kh, ho, h, pt, sh) * _valid(kw, wo, w, pl, sw)
+    kind = m.group(5)
+    r, a, b = (tuple(map(int, m.group(*range(i, i + 4)))) for i in (1, 6, 10))
+    pl, pt, sh, sw = map(int, m.groups()[13:])
+    if kind == "forward":  # x [B, H, W, Ci], kernel [kh, kw, Ci, Co] -> y [B, Ho, Wo, Co]
+      (_, h, w, _), (kh, kw, cin, cout), (batch, ho, wo, _) = a, b, r
+    else:  # x [B, H, W, Ci], dy [B, Ho, Wo, Co] -> kernel [kh, kw, Ci, Co]
+      (_, h, w, _), (batch, ho, wo, _), (kh, kw, cin, cout) = a, b, r
+    total += 2.0 * cin * cout * batch * _valid(kh, ho, h, pt, sh) * _valid(kw, wo, w, pl, sw)
   return total
 
 

@@ -27,7 +27,7 @@ re-tries the same forms:
   s2d        the convolution written over 2x2 space-to-depth blocks (a 2x2
              convolution of 4 C_in -> 4 C_out channels, 1.8x the FLOPs) and
              differentiated by JAX
-  native     ``models.conv_kernel_gradient``: the C++ loop nest of
+  native     ``models.native_conv.kernel_gradient``: the C++ loop nest of
              fpdm_jax/native/conv_kernel_gradient.cc as an XLA FFI custom
              call on XLA's thread pool (what fpdm_jax uses in a one-device
              CPU process; "-" if it was not built)
@@ -132,8 +132,8 @@ def _s2d(x, dy, w_shape):
 
 
 def _native(x, dy, w_shape):
-  from fpdm_jax.models import conv_kernel_gradient
-  return conv_kernel_gradient.kernel_gradient(x, dy, w_shape, (1, 1), _PAD)
+  from fpdm_jax.models import native_conv
+  return native_conv.kernel_gradient(x, dy, w_shape, (1, 1), _PAD)
 
 
 def run(cases, repeats: int, torch_threads: int) -> list[dict]:
@@ -142,10 +142,10 @@ def run(cases, repeats: int, torch_threads: int) -> list[dict]:
   import torch
   if torch_threads:
     torch.set_num_threads(torch_threads)
-  from fpdm_jax.models import conv_kernel_gradient
+  from fpdm_jax.models import native_conv
   jax_forms = {"xla": _xla, "per-tap": _per_tap, "im2col": _im2col, "row-fold": _row_fold,
                "s2d": _s2d}
-  if conv_kernel_gradient.available():
+  if native_conv.kernel_gradient_available():
     jax_forms["native"] = _native
   else:
     print("the native kernel gradient is not built (or switched off): its column is left out",

@@ -13,8 +13,9 @@ timed in interleaved blocks (``benchmarks.common.interleaved``). The
 speed-up column is off / on: what the rule the switch controls buys.
 
 Cases are ``benchmarks.train_step``'s UNet cases (unet-<config>-b<batch>).
-Switches: ``FPDM_CONV_NATIVE_KERNEL_GRADIENT`` (models.conv_kernel_gradient),
-``FPDM_CONV_CPU_GRADIENTS`` (models.convolution's and models.dense's rules).
+Switches: ``FPDM_CONV_NATIVE_KERNEL_GRADIENT`` and ``FPDM_CONV_NATIVE_FORWARD``
+(models.native_conv), ``FPDM_CONV_CPU_GRADIENTS`` (models.convolution's and
+models.dense's rules).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from pathlib import Path
 from benchmarks import common as bc
 
 MODULE = "benchmarks.switch_ab"
-SWITCHES = ("FPDM_CONV_NATIVE_KERNEL_GRADIENT", "FPDM_CONV_CPU_GRADIENTS")
+SWITCHES = ("FPDM_CONV_NATIVE_KERNEL_GRADIENT", "FPDM_CONV_NATIVE_FORWARD",
+            "FPDM_CONV_CPU_GRADIENTS")
 
 
 def run_case(case: str, switch: str, repeats: int, block: int) -> dict:

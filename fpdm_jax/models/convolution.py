@@ -1,18 +1,18 @@
 """The 2-D convolution of the UNet, VAE and pose embedding layers.
 
-It is ``lax.conv_general_dilated``, with two of its gradients and one
-forward written another way on XLA:CPU, where XLA's own convolution kernels
-run them far below the machine's matmul rate (benchmarks/README.md, findings
-11, 12, 16 and 21):
+It is ``lax.conv_general_dilated``, with its gradients and forward written
+another way on XLA:CPU where XLA's own convolution kernels run them far below
+the machine's matmul rate (benchmarks/README.md, findings 11, 12, 16, 21 and
+22):
 
 - **Kernel gradient of thin convolutions** (3-96 channels on one side: the
   pose embedding, a small UNet). XLA computes d(loss)/d(kernel) as a
   convolution that contracts over batch and pixels, 2-3x slower than torch's
   oneDNN at batch 8 (finding 20) and worse at batch 1, where the contracted
   batch dimension has length 1. In a one-device CPU process with the native
-  custom call built (``models.conv_kernel_gradient``), that computes it,
-  2-4x faster (``python -m benchmarks.kernel_gradient``). Without it, at
-  batch 1 only, the same sum for a 3x3 kernel,
+  custom calls built (``models.native_conv``), one computes it, 2-4x
+  faster (``python -m benchmarks.kernel_gradient``). Without it, at batch 1
+  only, the same sum for a 3x3 kernel,
 
     dW[i, j] = sum_{h, w} x_pad[s*h + i, s*w + j, :]^T dy[h, w, :]
 
@@ -25,8 +25,16 @@ run them far below the machine's matmul rate (benchmarks/README.md, findings
   stride-1 ceil(k/2) x ceil(k/2) convolution over 4*C_in channels; its input
   gradient is then a plain stride-1 convolution and a reshape (batch 8,
   256x256, 16 -> 32: 124 -> 46 ms). From 64 input channels XLA's is faster.
+- **Input gradient of a thin stride-1 convolution** (8-64 channels on one
+  side, C_in a multiple of 8), in a one-device CPU process with the native
+  custom calls built: the native forward of the output gradient with the
+  flipped, transposed kernel, 1.1-2x faster than XLA's.
 
-And one forward:
+And two forwards:
+
+- **Thin convolutions** (8-64 channels on one side, C_in at least 8), in a
+  one-device CPU process with the native custom calls built: the native
+  forward, 1.1-1.8x faster than XLA's at batch 8.
 
 - **Few input and output channels at a large image size** (the pose
   embedding's first conv, RGB -> 8 or 16 channels at 256x256). XLA's kernel
@@ -44,8 +52,9 @@ are used only when JAX's default backend is the CPU. Like any
 convolutions fails on the CPU (nothing in fpdm_jax uses forward mode);
 ``FPDM_CONV_CPU_GRADIENTS=0`` in the environment turns all three rules off (and
 ``models.dense``'s kernel-gradient rule with them), for that or to measure
-what they change; ``FPDM_CONV_NATIVE_KERNEL_GRADIENT=0`` only the native
-kernel gradient.
+what they change; ``FPDM_CONV_NATIVE_KERNEL_GRADIENT=0`` and
+``FPDM_CONV_NATIVE_FORWARD=0`` (forward and input gradient) the native calls
+alone.
 """
 from __future__ import annotations
 
@@ -56,7 +65,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fpdm_jax import xla_cpu_flags
-from fpdm_jax.models import conv_kernel_gradient as native
+from fpdm_jax.models import native_conv as native
 
 ENV_OPT_OUT = "FPDM_CONV_CPU_GRADIENTS"
 
@@ -68,6 +77,11 @@ _MAX_TAPS = 9
 # channels: at batch 8 it is about as fast as XLA's at 64x64, 96 -> 96, and
 # slower at 16x16, 128 -> 128 (python -m benchmarks.kernel_gradient).
 _MAX_NATIVE_CHANNELS = 96
+# Native forwards (and stride-1 input gradients) up to 64 channels on the
+# narrower side: batch 8, 64x64, 96 -> 96 was 14.0 -> 15.4 ms, 32x32,
+# 64 -> 64 1.8 -> 1.3 ms (benchmarks/README.md, finding 22).
+_MAX_NATIVE_FORWARD_CHANNELS = 64
+_MIN_NATIVE_FORWARD_IN_CHANNELS = 8
 # Space-to-depth input gradients up to 32 input channels: batch 8, 128x128,
 # 32 -> 96 is 60 -> 37 ms that way, but 64x64, 96 -> 256 is 35 -> 47 ms.
 _MAX_S2D_IN_CHANNELS = 32
@@ -89,7 +103,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                  feature_group_count, batch_group_count, kwargs):
     strides = tuple(window_strides)
     padding = tuple(tuple(p) for p in padding)
-    if (_native_kernel_gradient(lhs, rhs) or _per_tap_kernel_gradient(lhs.shape, rhs.shape)
+    if (_native_kernel_gradient(lhs, rhs) or _native_forward(lhs, rhs)
+        or _per_tap_kernel_gradient(lhs.shape, rhs.shape)
         or _s2d_input_gradient(rhs.shape, strides)
         or _tap_sum_forward(lhs.shape, rhs.shape, strides, padding)):
       return _conv(lhs, rhs, strides, padding, precision)
@@ -116,15 +131,34 @@ def _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers
           and kwargs.get("out_sharding") is None)
 
 
-def _native_kernel_gradient(x, w) -> bool:
-  """Where ``models.conv_kernel_gradient`` computes the kernel gradient: float32,
-  3x3 or smaller, C_out a multiple of 8, a thin side, one CPU device (a custom
-  call is not partitioned: sharded, XLA would gather its operands)."""
+def _native(x, w, max_channels) -> bool:
+  """What both native calls need: float32, 3x3 or smaller, C_out a multiple of
+  8, a thin side, one CPU device (a custom call is not partitioned: sharded,
+  XLA would gather its operands)."""
   from fpdm_jax.models import dense  # dense imports this module
   kh, kw, cin, cout = w.shape
   return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and kh * kw <= _MAX_TAPS
-          and cout % 8 == 0 and min(cin, cout) <= _MAX_NATIVE_CHANNELS
-          and dense.single_cpu_device() and native.available())
+          and cout % 8 == 0 and min(cin, cout) <= max_channels
+          and dense.single_cpu_device())
+
+
+def _native_kernel_gradient(x, w) -> bool:
+  return _native(x, w, _MAX_NATIVE_CHANNELS) and native.kernel_gradient_available()
+
+
+def _native_forward(x, w) -> bool:
+  return (_native(x, w, _MAX_NATIVE_FORWARD_CHANNELS)
+          and w.shape[2] >= _MIN_NATIVE_FORWARD_IN_CHANNELS and native.forward_available())
+
+
+def _native_input_gradient(x, w, strides, padding) -> bool:
+  """The input gradient as a native forward: stride 1, padding at most the
+  kernel size - 1 on the top and left, and C_in (the output of that forward)
+  a multiple of 8."""
+  kh, kw, cin, _ = w.shape
+  (top, _), (left, _) = padding
+  return (strides == (1, 1) and top <= kh - 1 and left <= kw - 1 and cin % 8 == 0
+          and _native_forward(x, w))
 
 
 def _per_tap_kernel_gradient(x_shape, w_shape) -> bool:
@@ -157,6 +191,9 @@ def _plain_conv(x, w, strides, padding, precision):
 def _forward(x, w, strides, padding, precision):
   if _tap_sum_forward(x.shape, w.shape, strides, padding):
     return tap_sum_conv(x, w, strides, padding)
+  if _native_forward(x, w):
+    return native.forward(x, w, _output_size(x.shape, w.shape, strides, padding), strides,
+                          padding)
   return _plain_conv(x, w, strides, padding, precision)
 
 
@@ -171,11 +208,14 @@ def _conv_fwd(x, w, strides, padding, precision):
 
 def _conv_bwd(strides, padding, precision, residuals, dy):
   x, w = residuals
-  if _s2d_input_gradient(w.shape, strides):
-    _, input_vjp = jax.vjp(lambda x: space_to_depth_conv(x, w, padding, precision), x)
+  if _native_input_gradient(x, w, strides, padding) and dy.dtype == jnp.float32:
+    dx = native.input_gradient(dy, w, x.shape, padding)
   else:
-    _, input_vjp = jax.vjp(lambda x: _plain_conv(x, w, strides, padding, precision), x)
-  (dx,) = input_vjp(dy)
+    if _s2d_input_gradient(w.shape, strides):
+      _, input_vjp = jax.vjp(lambda x: space_to_depth_conv(x, w, padding, precision), x)
+    else:
+      _, input_vjp = jax.vjp(lambda x: _plain_conv(x, w, strides, padding, precision), x)
+    (dx,) = input_vjp(dy)
   if _native_kernel_gradient(x, w) and dy.dtype == jnp.float32:
     dw = native.kernel_gradient(x, dy, w.shape, strides, padding)
   elif _per_tap_kernel_gradient(x.shape, w.shape):

@@ -1,5 +1,6 @@
 // The kernel gradient of a thin NHWC x HWIO convolution, as an XLA:CPU FFI
-// custom call (fpdm_jax/models/convolution.py says when it is used, and why).
+// custom call (fpdm_jax/models/native_conv.py and models/convolution.py say
+// when it is used, and why).
 //
 //   dW[i][j][c][o] = sum_{b, y, x} x[b][sh*y + i - pt][sw*x + j - pl][c] * dy[b][y][x][o]
 //

@@ -1,11 +1,13 @@
-"""fpdm_jax/native/conv_kernel_gradient.cc, the native kernel gradient of thin
-convolutions: what autodiff of ``lax.conv_general_dilated`` gives (to float32
-summation order) for every build this CPU can run, the same bits on every
-call, taken by the model convolution exactly where it is meant to be, and
-still there when a step is loaded from JAX's persistent compilation cache.
+"""fpdm_jax/native/, the native forward and kernel gradient of thin
+convolutions: what ``lax.conv_general_dilated`` and its autodiff give (to
+float32 summation order) for every build this CPU can run, the same bits on
+every call, taken by the model convolution exactly where they are meant to
+be, and still there when a step is loaded from JAX's persistent compilation
+cache.
 """
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -17,17 +19,17 @@ import numpy as np
 import pytest
 from jax import lax
 
-from fpdm_jax.models import conv_kernel_gradient as native
+from fpdm_jax.models import native_conv as native
 from fpdm_jax.models import convolution, dense
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 if native.library() is None:
   if sys.platform.startswith("linux") and shutil.which("g++"):
-    pytest.fail("no fpdm_jax/_conv_kernel_gradient*.so for this CPU although g++ is installed: "
+    pytest.fail("no fpdm_jax/_native_conv*.so for this CPU although g++ is installed: "
                 "re-run `pip install -e .` (or `make install`) and read its build output",
                 pytrace=False)
-  pytest.skip("the native kernel gradient is built only on Linux with a C++ compiler",
+  pytest.skip("the native convolutions are built only on Linux with a C++ compiler",
               allow_module_level=True)
 
 
@@ -55,9 +57,10 @@ def _lax_kernel_gradient(x, dy, kernel_shape, strides, padding):
   return jax.vjp(conv, jnp.zeros(kernel_shape, jnp.float32))[1](dy)[0]
 
 
-def _native_calls(f, *args) -> int:
-  """Custom calls to the native kernel gradient in the jaxpr of ``jax.grad(f)``."""
-  return str(jax.make_jaxpr(jax.grad(f))(*args)).count("target_name=fpdm_conv_kernel_gradient")
+def _native_calls(f, *args, kind="kernel_gradient", argnums=0) -> int:
+  """Custom calls to a native call (``kind``) in the jaxpr of ``jax.grad(f)``."""
+  jaxpr = str(jax.make_jaxpr(jax.grad(f, argnums=argnums))(*args))
+  return len(re.findall(rf"target_name=fpdm_native_conv\w*_{kind}\n", jaxpr))
 
 
 # (batch, (height, width), C_in, C_out, kernel, stride, padding). The block
@@ -75,9 +78,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("build", _builds(), ids=lambda p: os.path.basename(p).split(".")[0])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}-{c[2]}to{c[3]}-k{c[4]}s{c[5]}")
-def test_matches_autodiff_of_lax(build, case, monkeypatch):
+BUILDS = _builds()
+_build_id = lambda p: os.path.basename(p).split(".")[0]  # noqa: E731
+_case_id = lambda c: f"b{c[0]}-{c[2]}to{c[3]}-k{c[4]}s{c[5]}"  # noqa: E731
+
+
+@pytest.mark.parametrize("build", BUILDS, ids=_build_id)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernel_gradient_matches_autodiff_of_lax(build, case, monkeypatch):
   monkeypatch.setattr(native, "library", lambda: build)
   b, size, cin, cout, k, s, padding = case
   rng = np.random.default_rng(cin * 100 + cout)
@@ -88,7 +96,8 @@ def test_matches_autodiff_of_lax(build, case, monkeypatch):
   want = _lax_kernel_gradient(x, dy, w_shape, (s, s), padding)
   # A fresh function per build: jit caches traces by function.
   call = jax.jit(lambda x, dy: native.kernel_gradient(x, dy, w_shape, (s, s), padding))
-  assert f"target_name={native.target()}\n" in str(jax.make_jaxpr(call)(x, dy))
+  assert f"target_name={native.target_prefix()}_kernel_gradient\n" in str(
+      jax.make_jaxpr(call)(x, dy))
   got = call(x, dy)
   assert got.shape == want.shape and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()))
@@ -96,34 +105,62 @@ def test_matches_autodiff_of_lax(build, case, monkeypatch):
   np.testing.assert_array_equal(call(x, dy), got)
 
 
-def test_model_conv_takes_it_and_matches_lax():
-  """The model convolution's kernel gradient is the custom call at batch 8 and
-  batch 1 (where it replaces the per-tap matmuls), input gradient unchanged."""
-  rng = np.random.default_rng(0)
+@pytest.mark.parametrize("build", BUILDS, ids=_build_id)
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] % 8 == 0], ids=_case_id)
+def test_forward_and_input_gradient_match_lax(build, case, monkeypatch):
+  monkeypatch.setattr(native, "library", lambda: build)
+  b, size, cin, cout, k, s, padding = case
+  rng = np.random.default_rng(cin * 100 + cout + 1)
+  x = jnp.asarray(rng.normal(size=(b, *size, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
+  want = lax.conv_general_dilated(x, w, (s, s), padding, dimension_numbers=NHWC)
+  call = jax.jit(lambda x, w: native.forward(x, w, want.shape[1:3], (s, s), padding))
+  assert f"target_name={native.target_prefix()}_forward\n" in str(jax.make_jaxpr(call)(x, w))
+  got = call(x, w)
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()))
+  np.testing.assert_array_equal(call(x, w), got)  # rows are independent: same bits
+  if s == 1 and cin % 8 == 0 and padding[0][0] < k and padding[1][0] < k:
+    dy = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    conv = lambda x: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)  # noqa: E731
+    want_dx = jax.vjp(conv, x)[1](dy)[0]
+    got_dx = jax.jit(lambda dy, w: native.input_gradient(dy, w, x.shape, padding))(dy, w)
+    np.testing.assert_allclose(got_dx, want_dx, atol=2e-5 * float(jnp.abs(want_dx).max()))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_model_conv_takes_them_and_matches_lax(stride):
+  """The model convolution's forward and kernel gradient are the custom calls
+  at batch 8 and batch 1 (where the kernel gradient replaces the per-tap
+  matmuls); a stride-1 input gradient is the native forward too, a stride-2
+  one stays the space-to-depth rule's."""
+  rng = np.random.default_rng(stride)
   for batch in (8, 1):
     x = jnp.asarray(rng.normal(size=(batch, 12, 12, 16)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)) * 0.1, jnp.float32)
     pad = ((1, 1), (1, 1))
 
     def loss(conv, x, w):
-      return jnp.sum(jnp.sin(conv(x, w, (2, 2), pad, dimension_numbers=NHWC)))
+      return jnp.sum(jnp.sin(conv(x, w, (stride, stride), pad, dimension_numbers=NHWC)))
 
     want = jax.grad(loss, argnums=(1, 2))(lax.conv_general_dilated, x, w)
     got = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(
         convolution.conv_general_dilated, x, w)
     for g, r in zip(got, want):
       np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()))
-    ours = lambda w: loss(convolution.conv_general_dilated, x, w)  # noqa: E731
-    assert _native_calls(ours, w) == 1
-    assert str(jax.make_jaxpr(jax.grad(ours))(w)).count("dot_general") == 0
+    ours = lambda x, w: loss(convolution.conv_general_dilated, x, w)  # noqa: E731
+    assert _native_calls(ours, x, w, argnums=1) == 1
+    # One forward (in the forward pass), plus the input gradient at stride 1.
+    assert _native_calls(ours, x, w, kind="forward") == (2 if stride == 1 else 1)
+    assert str(jax.make_jaxpr(jax.grad(ours, argnums=1))(x, w)).count("dot_general") == 0
 
 
 @pytest.mark.parametrize("case", ["8 devices", "bfloat16", "C_out 12", "128 -> 128", "5x5",
                                   "switched off", "all rules off"])
-def test_not_taken_where_it_does_not_apply(case, monkeypatch):
+def test_not_taken_where_they_do_not_apply(case, monkeypatch):
   """Sharded processes (a custom call is not partitioned), other dtypes, output
   channels that are not a multiple of 8, no thin side, kernels over 3x3 and
-  either switch keep the lax gradients."""
+  the switches keep XLA's convolutions."""
   cin, cout, k, dtype = 16, 16, 3, jnp.float32
   if case == "8 devices":
     monkeypatch.setattr(dense, "single_cpu_device", lambda: False)
@@ -136,20 +173,25 @@ def test_not_taken_where_it_does_not_apply(case, monkeypatch):
   elif case == "5x5":
     k = 5
   elif case == "switched off":
-    monkeypatch.setenv(native.ENV_OPT_OUT, "0")
+    monkeypatch.setenv(native.KERNEL_GRADIENT_OPT_OUT, "0")
+    monkeypatch.setenv(native.FORWARD_OPT_OUT, "0")
   else:
     monkeypatch.setenv(convolution.ENV_OPT_OUT, "0")
   x = jnp.ones((2, 8, 8, cin), dtype)
   w = jnp.ones((k, k, cin, cout), dtype)
-  loss = lambda w: convolution.conv_general_dilated(  # noqa: E731
+  loss = lambda x, w: convolution.conv_general_dilated(  # noqa: E731
       x, w, (1, 1), ((k // 2, k // 2),) * 2, dimension_numbers=NHWC).astype(jnp.float32).sum()
-  assert _native_calls(loss, w) == 0
+  assert _native_calls(loss, x, w, argnums=(0, 1)) == 0
+  assert _native_calls(loss, x, w, argnums=(0, 1), kind="forward") == 0
 
 
-def test_rejects_what_it_cannot_compute():
+def test_rejects_what_they_cannot_compute():
   x, dy = jnp.ones((1, 4, 4, 3)), jnp.ones((1, 4, 4, 12))
   with pytest.raises(ValueError, match="C_out % 8"):
     native.kernel_gradient(x, dy, (3, 3, 3, 12), (1, 1), ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="float32"):
+    native.forward(x.astype(jnp.bfloat16), jnp.ones((3, 3, 3, 8)), (4, 4), (1, 1),
+                   ((1, 1), (1, 1)))
 
 
 SCRIPT = textwrap.dedent("""
@@ -164,7 +206,7 @@ SCRIPT = textwrap.dedent("""
     w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 8, 16)), jnp.float32)
     loss = lambda w: jnp.sum(jnp.sin(convolution.conv_general_dilated(
         x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))))
-    assert "fpdm_conv_kernel_gradient" in str(jax.make_jaxpr(jax.grad(loss))(w))
+    assert "_kernel_gradient" in str(jax.make_jaxpr(jax.grad(loss))(w))
     np.save(sys.argv[2], np.asarray(jax.jit(jax.grad(loss))(w)))
 """)
 
