@@ -8,9 +8,10 @@ at the UNet's and the pose embedding's shapes.
 Why this exists: jaxlib 0.10 runs convolutions through YNNPACK, whose kernel
 gradients (a convolution whose window is the whole activation) were the
 slowest part of the UNet train step (benchmarks/README.md, finding 11), and
-fpdm_jax's convolution writes two gradients and one forward its own way on
+fpdm_jax's convolution writes its gradients and forwards its own way on
 the CPU (batch-1 kernel gradients, thin stride-2 input gradients, finding 12;
-RGB-input forwards, finding 16). This table
+RGB-input forwards, finding 16; in a one-device process the native forward,
+input and kernel gradients of thin convolutions, findings 21 and 22). This table
 shows each of the three parts on its own, so a new jaxlib can be checked in a
 minute: where the "XLA default" column catches up with "fpdm", the flag or
 the custom gradient can go.
