@@ -14,7 +14,7 @@ install: $(STAMP)
 # Re-installs whenever pyproject.toml or a native source changes (setup.py
 # builds fpdm_jax/native/*; it says what each is for).
 # torch is pinned (2.13.0, CPU) in the test extra so pip never pulls a CUDA build.
-$(STAMP): pyproject.toml setup.py $(wildcard fpdm_jax/native/*.c fpdm_jax/native/*.cc)
+$(STAMP): pyproject.toml setup.py $(wildcard fpdm_jax/native/*.c fpdm_jax/native/*.cc fpdm_jax/native/*.h)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[test]'
 	@touch $(STAMP)

@@ -6,7 +6,6 @@ be, and still there when a step is loaded from JAX's persistent compilation
 cache.
 """
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -31,19 +30,6 @@ if native.library() is None:
                 pytrace=False)
   pytest.skip("the native convolutions are built only on Linux with a C++ compiler",
               allow_module_level=True)
-
-
-def _builds() -> list[str]:
-  """Every build of the library in fpdm_jax/ that this CPU can run."""
-  flags = native._cpu_flags()
-  x86 = platform.machine().lower() in ("x86_64", "amd64")
-  here = os.path.dirname(os.path.dirname(native.__file__))
-  found = []
-  for name, needs in native._BUILDS["x86" if x86 else "other"]:
-    for f in sorted(os.listdir(here)):
-      if f.startswith(name + ".") and f.endswith(".so") and needs <= flags:
-        found.append(os.path.join(here, f))
-  return found
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +64,7 @@ CASES = [
 ]
 
 
-BUILDS = _builds()
+BUILDS = native.builds()
 _build_id = lambda p: os.path.basename(p).split(".")[0]  # noqa: E731
 _case_id = lambda c: f"b{c[0]}-{c[2]}to{c[3]}-k{c[4]}s{c[5]}"  # noqa: E731
 

@@ -49,6 +49,7 @@ _BUILDS = {
 _log = logging.getLogger(__name__)
 
 
+@functools.cache
 def _cpu_flags() -> frozenset[str]:
   try:
     with open("/proc/cpuinfo") as f:
@@ -60,19 +61,24 @@ def _cpu_flags() -> frozenset[str]:
   return frozenset()
 
 
-def library() -> str | None:
-  """Path of the best build of the custom call this CPU can run, or None."""
+@functools.cache
+def builds() -> tuple[str, ...]:
+  """Paths of the built libraries this CPU can run, best first."""
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   x86 = platform.machine().lower() in ("x86_64", "amd64")
   flags = _cpu_flags() if x86 else frozenset()
+  found = []
   for name, needs in _BUILDS["x86" if x86 else "other"]:
-    if not needs <= flags:
-      continue
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-      path = os.path.join(here, name + suffix)
-      if os.path.isfile(path):
-        return path
-  return None
+    if needs <= flags:
+      found += [p for p in (os.path.join(here, name + suffix)
+                            for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+                if os.path.isfile(p)][:1]
+  return tuple(found)
+
+
+def library() -> str | None:
+  """Path of the best build this CPU can run, or None."""
+  return next(iter(builds()), None)
 
 
 @functools.cache

@@ -13,44 +13,15 @@
 // edge take a one-pixel path with bounds checks; taps above or below the
 // image are skipped. Output rows are independent, so rows are split into
 // chunks run on XLA's intra-op pool with no reduction: the bits do not
-// depend on the thread count. Vector types and thread handling as in
-// conv_kernel_gradient.cc.
+// depend on the thread count.
 #include <algorithm>
-#include <array>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <mutex>
-#include <utility>
-#include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "thin_conv.h"
 
 namespace {
 
-typedef float V8 __attribute__((vector_size(32)));
-typedef float V16 __attribute__((vector_size(64)));
-#if defined(__AVX512F__)
-constexpr int kRegisters = 32;
-#else
-constexpr int kRegisters = 16;
-#endif
-
-template <typename V>
-inline V Load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename V>
-inline void Store(float* p, V v) {
-  std::memcpy(p, &v, sizeof(v));
-}
+using namespace fpdm_native;  // NOLINT: this file's own helpers
 
 struct Problem {  // x [batch, height, width, cin], W [kh, kw, cin, cout], y [batch, out_h, out_w, cout]
   const float* x;
@@ -119,9 +90,6 @@ void EdgePixel(const Problem& q, const float* x_img, int64_t oy, int64_t ox, int
 template <typename V, int NV>
 constexpr int kPixels = std::min(16, (kRegisters - 1 - NV) / NV);
 
-// Below this many multiply-adds the calling thread runs every row itself
-// (see conv_kernel_gradient.cc).
-constexpr int64_t kMinParallelMacs = int64_t{1} << 21;
 // Row chunks handed out to threads; more than conv_kernel_gradient.cc's, as
 // a chunk here needs no partial sum.
 constexpr int64_t kMaxChunks = 64;
@@ -165,47 +133,21 @@ RowFn PickRow(int64_t cout) {
   return nullptr;
 }
 
-// Chunks of output rows handed out to whichever thread asks next; outlives
-// the handler call if a pool task starts after all the work is done.
-struct Rows {
-  Problem problem;
-  RowFn fn;
-  int64_t rows, count;
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable all_done;
-  int64_t done = 0;
-  void Work() {
-    for (int64_t c; (c = next.fetch_add(1)) < count;) {
-      for (int64_t r = rows * c / count; r < rows * (c + 1) / count; ++r) fn(problem, r);
-      std::lock_guard<std::mutex> lock(mu);
-      if (++done == count) all_done.notify_all();
-    }
-  }
-};
-
-using Image = ffi::Buffer<ffi::F32, 4>;
-
 ffi::Error Forward(ffi::ThreadPool pool, Image x, Image w, ffi::Result<Image> y, int64_t stride_h,
                    int64_t stride_w, int64_t pad_top, int64_t pad_left) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd[0] != yd[0] || wd[2] != xd[3] || wd[3] != yd[3] || stride_h < 1 || stride_w < 1)
     return ffi::Error::InvalidArgument("fpdm_conv_forward: inconsistent shapes");
-  auto rows = std::make_shared<Rows>();
-  rows->problem = Problem{x.typed_data(), w.typed_data(), y->typed_data(), xd[1], xd[2], xd[3],
-                          yd[1], yd[2], yd[3], wd[0], wd[1], stride_h, stride_w, pad_top, pad_left};
-  rows->fn = PickRow(yd[3]);
-  if (rows->fn == nullptr)
+  const Problem p{x.typed_data(), w.typed_data(), y->typed_data(), xd[1], xd[2], xd[3],
+                  yd[1], yd[2], yd[3], wd[0], wd[1], stride_h, stride_w, pad_top, pad_left};
+  const RowFn row = PickRow(yd[3]);
+  if (row == nullptr)
     return ffi::Error::InvalidArgument("fpdm_conv_forward: output channels % 8 != 0");
-  rows->rows = xd[0] * yd[1];
-  rows->count = std::max<int64_t>(1, std::min(rows->rows, kMaxChunks));
-  const int64_t macs = rows->rows * yd[2] * yd[3] * wd[0] * wd[1] * wd[2];
-  const int64_t helpers =
-      macs < kMinParallelMacs ? 0 : std::min(pool.num_threads(), rows->count - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([rows] { rows->Work(); });
-  rows->Work();
-  std::unique_lock<std::mutex> lock(rows->mu);
-  rows->all_done.wait(lock, [&] { return rows->done == rows->count; });
+  const int64_t rows = xd[0] * yd[1];
+  const int64_t count = std::max<int64_t>(1, std::min(rows, kMaxChunks));
+  RunChunks(pool, count, rows * yd[2] * yd[3] * wd[0] * wd[1] * wd[2], [&](int64_t c) {
+    for (int64_t r = rows * c / count; r < rows * (c + 1) / count; ++r) row(p, r);
+  });
   return ffi::Error::Success();
 }
 
@@ -215,13 +157,4 @@ ffi::Error Forward(ffi::ThreadPool pool, Image x, Image w, ffi::Result<Image> y,
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* FpdmConvForward(
     XLA_FFI_CallFrame* call_frame);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmConvForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Image>()
-                                  .Arg<Image>()
-                                  .Ret<Image>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmConvForward, Forward, ConvBinding());

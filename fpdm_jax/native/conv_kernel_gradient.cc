@@ -22,52 +22,19 @@
 //   not started, so a busy pool cannot deadlock it.
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
-#include <memory>
-#include <mutex>
 #include <utility>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "thin_conv.h"
 
 namespace {
 
-// GCC/Clang vector types: V8 is one ymm (AVX2) register, V16 one zmm. The
-// compiler lowers them to whatever the ISA this file is built for has
-// (setup.py builds it for x86-64-v3 and -v4, and plainly elsewhere).
-typedef float V8 __attribute__((vector_size(32)));
-typedef float V16 __attribute__((vector_size(64)));
+using namespace fpdm_native;  // NOLINT: this file's own helpers
 
-#if defined(__AVX512F__)
-constexpr int kRegisters = 32;
-#else
-constexpr int kRegisters = 16;
-#endif
 // At most this many row chunks (and partial sums): enough to keep 16 threads
 // busy, few enough that summing the partial kernels costs little.
 constexpr int64_t kMaxChunks = 16;
-// Below this many multiply-adds (tens of microseconds on one core) waking
-// pool threads costs more than they save: the calling thread runs every
-// chunk itself. The chunks, and so the result, are the same either way.
-constexpr int64_t kMinParallelMacs = int64_t{1} << 21;
-
-template <typename V>
-inline V Load(const float* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename V>
-inline void Store(float* p, V v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
 // acc[c][o] (rows cout apart) += sum_k xs[k * xstep + c] * d[k * cout + o]
 // for CB input channels and NV vectors of output channels, all held in
 // registers over the k loop.
@@ -171,61 +138,29 @@ void AccumulateRows(const Problem& p, int64_t r0, int64_t r1, float* acc) {
   }
 }
 
-// Chunks handed out to whichever thread asks next; outlives the handler call
-// if a pool task starts after all the work is done.
-struct Chunks {
-  Problem problem;
-  int64_t rows, count, size;  // size: floats of one partial kernel
-  std::vector<float> partial;  // count partial kernels
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable all_done;
-  int64_t done = 0;
-
-  void Work() {
-    for (int64_t c; (c = next.fetch_add(1)) < count;) {
-      float* acc = partial.data() + c * size;
-      std::fill(acc, acc + size, 0.f);
-      AccumulateRows(problem, rows * c / count, rows * (c + 1) / count, acc);
-      std::lock_guard<std::mutex> lock(mu);
-      if (++done == count) all_done.notify_all();
-    }
-  }
-};
-
-using Image = ffi::Buffer<ffi::F32, 4>;  // NHWC images and HWIO kernels
-
 ffi::Error KernelGradient(ffi::ThreadPool pool, Image x, Image dy, ffi::Result<Image> dw,
                           int64_t stride_h, int64_t stride_w, int64_t pad_top, int64_t pad_left) {
   const auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
   if (xd[0] != dd[0] || wd[2] != xd[3] || wd[3] != dd[3] || stride_h < 1 || stride_w < 1)
     return ffi::Error::InvalidArgument("fpdm_conv_kernel_gradient: inconsistent shapes");
-  auto chunks = std::make_shared<Chunks>();
-  Problem& p = chunks->problem;
-  p = Problem{x.typed_data(), dy.typed_data(), xd[1], xd[2], xd[3], dd[1], dd[2], dd[3],
-              wd[0], wd[1], stride_h, stride_w, pad_top, pad_left, PickBlocking(dd[3])};
+  const Problem p{x.typed_data(), dy.typed_data(), xd[1], xd[2], xd[3], dd[1], dd[2], dd[3],
+                  wd[0], wd[1], stride_h, stride_w, pad_top, pad_left, PickBlocking(dd[3])};
   if (p.blocking.blocks == nullptr)
     return ffi::Error::InvalidArgument("fpdm_conv_kernel_gradient: output channels % 8 != 0");
-  chunks->size = p.kh * p.kw * p.cin * p.cout;
-  chunks->rows = xd[0] * p.out_h;
-  chunks->count = std::max<int64_t>(1, std::min(chunks->rows, kMaxChunks));
-  chunks->partial.resize(chunks->count * chunks->size);
-
-  const int64_t macs = chunks->rows * p.out_w * chunks->size;
-  const int64_t helpers =
-      macs < kMinParallelMacs ? 0 : std::min(pool.num_threads(), chunks->count - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([chunks] { chunks->Work(); });
-  chunks->Work();
-  {
-    std::unique_lock<std::mutex> lock(chunks->mu);
-    chunks->all_done.wait(lock, [&] { return chunks->done == chunks->count; });
-  }
+  const int64_t size = p.kh * p.kw * p.cin * p.cout;  // floats of one partial kernel
+  const int64_t rows = xd[0] * p.out_h;
+  const int64_t count = std::max<int64_t>(1, std::min(rows, kMaxChunks));
+  std::vector<float> partial(count * size);
+  RunChunks(pool, count, rows * p.out_w * size, [&](int64_t c) {
+    float* acc = partial.data() + c * size;
+    std::fill(acc, acc + size, 0.f);
+    AccumulateRows(p, rows * c / count, rows * (c + 1) / count, acc);
+  });
   float* out = dw->typed_data();
-  const float* partial = chunks->partial.data();
-  std::copy(partial, partial + chunks->size, out);
-  for (int64_t c = 1; c < chunks->count; ++c) {
-    const float* s = partial + c * chunks->size;
-    for (int64_t k = 0; k < chunks->size; ++k) out[k] += s[k];
+  std::copy(partial.data(), partial.data() + size, out);
+  for (int64_t c = 1; c < count; ++c) {
+    const float* s = partial.data() + c * size;
+    for (int64_t k = 0; k < size; ++k) out[k] += s[k];
   }
   return ffi::Error::Success();
 }
@@ -236,13 +171,4 @@ ffi::Error KernelGradient(ffi::ThreadPool pool, Image x, Image dy, ffi::Result<I
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* FpdmConvKernelGradient(
     XLA_FFI_CallFrame* call_frame);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmConvKernelGradient, KernelGradient,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Image>()
-                                  .Arg<Image>()
-                                  .Ret<Image>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmConvKernelGradient, KernelGradient, ConvBinding());
