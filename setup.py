@@ -2,11 +2,11 @@
 
 - ``fpdm_jax/native/block_pool.c`` becomes ``fpdm_jax/_block_pool*.so``, which
   CPU-only entry points LD_PRELOAD (fpdm_jax/host_memory.py says why).
-- ``fpdm_jax/native/conv_forward.cc`` and ``conv_kernel_gradient.cc`` become
-  ``fpdm_jax/_native_conv*.so``, two XLA FFI custom calls for thin
-  convolutions, built for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2) on x86
-  machines and plainly elsewhere (fpdm_jax/models/native_conv.py picks the
-  build the CPU can run, and says why they exist). It needs XLA's FFI headers, which
+- ``fpdm_jax/native/*.cc`` become ``fpdm_jax/_native*.so``, XLA FFI custom
+  calls for thin convolutions and for softmax attention, built for x86-64-v4
+  (AVX-512) and x86-64-v3 (AVX2) on x86 machines and plainly elsewhere
+  (fpdm_jax/models/native.py picks the build the CPU can run;
+  models/native_conv.py and models/native_attention.py say why they exist). It needs XLA's FFI headers, which
   jaxlib ships; pyproject's build requirements install jaxlib for this.
 
 Both are optional: without a C/C++ compiler (or jaxlib's headers) the
@@ -28,11 +28,12 @@ def _ffi_include_dir() -> str | None:
   return path if os.path.isfile(os.path.join(path, "xla", "ffi", "api", "ffi.h")) else None
 
 
-def _native_conv(name: str, arch_flags: list[str], include: str) -> Extension:
+def _native(name: str, arch_flags: list[str], include: str) -> Extension:
   return Extension(
       f"fpdm_jax.{name}",
-      ["fpdm_jax/native/conv_forward.cc", "fpdm_jax/native/conv_kernel_gradient.cc"],
-      depends=["fpdm_jax/native/thin_conv.h"], include_dirs=[include],
+      ["fpdm_jax/native/conv_forward.cc", "fpdm_jax/native/conv_kernel_gradient.cc",
+       "fpdm_jax/native/attention.cc"],
+      depends=["fpdm_jax/native/common.h", "fpdm_jax/native/thin_conv.h"], include_dirs=[include],
       language="c++", optional=True,
       extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden", "-Wno-psabi",
                           "-Wno-attributes", *arch_flags])
@@ -46,12 +47,12 @@ if sys.platform.startswith("linux"):
       optional=True))
   include = _ffi_include_dir()
   if include is None:
-    print("setup.py: jaxlib's XLA FFI headers not found; the native convolutions are not built",
+    print("setup.py: jaxlib's XLA FFI headers not found; the native custom calls are not built",
           file=sys.stderr)
   elif platform.machine().lower() in ("x86_64", "amd64"):
-    ext_modules += [_native_conv("_native_conv_v4", ["-march=x86-64-v4"], include),
-                    _native_conv("_native_conv_v3", ["-march=x86-64-v3"], include)]
+    ext_modules += [_native("_native_v4", ["-march=x86-64-v4"], include),
+                    _native("_native_v3", ["-march=x86-64-v3"], include)]
   else:
-    ext_modules.append(_native_conv("_native_conv", [], include))
+    ext_modules.append(_native("_native", [], include))
 
 setup(ext_modules=ext_modules)

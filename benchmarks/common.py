@@ -217,21 +217,22 @@ def jax_memory(compiled) -> dict:
 
 
 def jax_flops(compiled) -> float | None:
-  """XLA's FLOP count of ``compiled`` plus what its native convolution custom
-  calls do, which XLA's cost analysis counts as nothing."""
+  """XLA's FLOP count of ``compiled`` plus what its native convolution and
+  attention custom calls do, which XLA's cost analysis counts as nothing."""
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
     ca = ca[0] if ca else None
   if not ca:
     return None
-  return float(ca.get("flops", 0.0)) + native_conv_flops(compiled.as_text()) or None
+  hlo = compiled.as_text()
+  return float(ca.get("flops", 0.0)) + native_conv_flops(hlo) + native_attention_flops(hlo) or None
 
 
 # A native convolution call in optimised HLO: result shape, target, the two
 # operands' shapes, then the strides and top/left padding.
 _NATIVE_CALL = re.compile(
     r"= f32\[(\d+),(\d+),(\d+),(\d+)\]\S* custom-call\(.*custom_call_target="
-    r"\"fpdm_native_conv\w*_(forward|kernel_gradient)\", operand_layout_constraints=\{"
+    r"\"fpdm_native\w*_conv_(forward|kernel_gradient)\", operand_layout_constraints=\{"
     r"f32\[(\d+),(\d+),(\d+),(\d+)\]\S*, f32\[(\d+),(\d+),(\d+),(\d+)\].*"
     r"backend_config=\{pad_left = (\d+) : i64, pad_top = (\d+) : i64, "
     r"stride_h = (\d+) : i64, stride_w = (\d+) : i64\}")
@@ -256,6 +257,36 @@ def native_conv_flops(hlo_text: str) -> float:
     else:  # x [B, H, W, Ci], dy [B, Ho, Wo, Co] -> kernel [kh, kw, Ci, Co]
       (_, h, w, _), (batch, ho, wo, _), (kh, kw, cin, cout) = a, b, r
     total += 2.0 * cin * cout * batch * _valid(kh, ho, h, pt, sh) * _valid(kw, wo, w, pl, sw)
+  return total
+
+
+# A native attention call: its (first) result's shape, which call, and its
+# first two operands' shapes, all [G, tokens, D].
+_NATIVE_ATTENTION_CALL = re.compile(
+    r"= \(?f32\[(\d+),(\d+),(\d+)\][^=]*? custom-call\(.*custom_call_target="
+    r"\"fpdm_native\w*_attention_(\w+)\", operand_layout_constraints=\{"
+    r"f32\[(\d+),(\d+),(\d+)\]\S*, f32\[(\d+),(\d+),(\d+)\]")
+
+
+def native_attention_flops(hlo_text: str) -> float:
+  """The matmul FLOPs of every ``models.native_attention`` call in an
+  optimised HLO module, as XLA counts the two batched matmuls each replaces
+  (2 x G x T x S x D apiece; the softmax's few FLOPs per logit are left out):
+  the forward's q k^T and p v, the query side's dO V^T and dS K, the key
+  side's dS^T Q and P^T dO."""
+  total = 0.0
+  for m in _NATIVE_ATTENTION_CALL.finditer(hlo_text):
+    g, r1, d = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    kind, a1, b1 = m.group(4), int(m.group(6)), int(m.group(9))
+    if kind in ("forward", "forward_p"):  # o [G, T, D] <- q [G, T, D], k [G, S, D]
+      t, s = a1, b1
+    elif kind == "backward_queries":  # dq [G, T, D] <- k [G, S, D], ...
+      t, s = r1, a1
+    elif kind == "backward_keys":  # dk [G, S, D] <- q [G, T, D], ...
+      t, s = a1, r1
+    else:
+      raise ValueError(f"native_attention_flops: unknown call {kind!r}")
+    total += 4.0 * g * t * s * d
   return total
 
 

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from jax import lax
 
-from fpdm_jax.models import native_conv as native
-from fpdm_jax.models import convolution, dense
+from fpdm_jax.models import convolution, dense, native
+from fpdm_jax.models import native_conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 if native.library() is None:
   if sys.platform.startswith("linux") and shutil.which("g++"):
-    pytest.fail("no fpdm_jax/_native_conv*.so for this CPU although g++ is installed: "
+    pytest.fail("no fpdm_jax/_native*.so for this CPU although g++ is installed: "
                 "re-run `pip install -e .` (or `make install`) and read its build output",
                 pytrace=False)
   pytest.skip("the native convolutions are built only on Linux with a C++ compiler",
@@ -46,7 +46,7 @@ def _lax_kernel_gradient(x, dy, kernel_shape, strides, padding):
 def _native_calls(f, *args, kind="kernel_gradient", argnums=0) -> int:
   """Custom calls to a native call (``kind``) in the jaxpr of ``jax.grad(f)``."""
   jaxpr = str(jax.make_jaxpr(jax.grad(f, argnums=argnums))(*args))
-  return len(re.findall(rf"target_name=fpdm_native_conv\w*_{kind}\n", jaxpr))
+  return len(re.findall(rf"target_name=fpdm_native\w*_conv_{kind}\n", jaxpr))
 
 
 # (batch, (height, width), C_in, C_out, kernel, stride, padding). The block
@@ -81,8 +81,8 @@ def test_kernel_gradient_matches_autodiff_of_lax(build, case, monkeypatch):
   dy = jnp.asarray(rng.normal(size=out.shape), jnp.float32)
   want = _lax_kernel_gradient(x, dy, w_shape, (s, s), padding)
   # A fresh function per build: jit caches traces by function.
-  call = jax.jit(lambda x, dy: native.kernel_gradient(x, dy, w_shape, (s, s), padding))
-  assert f"target_name={native.target_prefix()}_kernel_gradient\n" in str(
+  call = jax.jit(lambda x, dy: native_conv.kernel_gradient(x, dy, w_shape, (s, s), padding))
+  assert f"target_name={native.target_prefix()}_conv_kernel_gradient\n" in str(
       jax.make_jaxpr(call)(x, dy))
   got = call(x, dy)
   assert got.shape == want.shape and got.dtype == jnp.float32
@@ -100,8 +100,8 @@ def test_forward_and_input_gradient_match_lax(build, case, monkeypatch):
   x = jnp.asarray(rng.normal(size=(b, *size, cin)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, cin, cout)), jnp.float32)
   want = lax.conv_general_dilated(x, w, (s, s), padding, dimension_numbers=NHWC)
-  call = jax.jit(lambda x, w: native.forward(x, w, want.shape[1:3], (s, s), padding))
-  assert f"target_name={native.target_prefix()}_forward\n" in str(jax.make_jaxpr(call)(x, w))
+  call = jax.jit(lambda x, w: native_conv.forward(x, w, want.shape[1:3], (s, s), padding))
+  assert f"target_name={native.target_prefix()}_conv_forward\n" in str(jax.make_jaxpr(call)(x, w))
   got = call(x, w)
   assert got.shape == want.shape and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()))
@@ -110,7 +110,7 @@ def test_forward_and_input_gradient_match_lax(build, case, monkeypatch):
     dy = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
     conv = lambda x: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)  # noqa: E731
     want_dx = jax.vjp(conv, x)[1](dy)[0]
-    got_dx = jax.jit(lambda dy, w: native.input_gradient(dy, w, x.shape, padding))(dy, w)
+    got_dx = jax.jit(lambda dy, w: native_conv.input_gradient(dy, w, x.shape, padding))(dy, w)
     np.testing.assert_allclose(got_dx, want_dx, atol=2e-5 * float(jnp.abs(want_dx).max()))
 
 
@@ -159,8 +159,8 @@ def test_not_taken_where_they_do_not_apply(case, monkeypatch):
   elif case == "5x5":
     k = 5
   elif case == "switched off":
-    monkeypatch.setenv(native.KERNEL_GRADIENT_OPT_OUT, "0")
-    monkeypatch.setenv(native.FORWARD_OPT_OUT, "0")
+    monkeypatch.setenv(native_conv.KERNEL_GRADIENT_OPT_OUT, "0")
+    monkeypatch.setenv(native_conv.FORWARD_OPT_OUT, "0")
   else:
     monkeypatch.setenv(convolution.ENV_OPT_OUT, "0")
   x = jnp.ones((2, 8, 8, cin), dtype)
@@ -174,9 +174,9 @@ def test_not_taken_where_they_do_not_apply(case, monkeypatch):
 def test_rejects_what_they_cannot_compute():
   x, dy = jnp.ones((1, 4, 4, 3)), jnp.ones((1, 4, 4, 12))
   with pytest.raises(ValueError, match="C_out % 8"):
-    native.kernel_gradient(x, dy, (3, 3, 3, 12), (1, 1), ((1, 1), (1, 1)))
+    native_conv.kernel_gradient(x, dy, (3, 3, 3, 12), (1, 1), ((1, 1), (1, 1)))
   with pytest.raises(ValueError, match="float32"):
-    native.forward(x.astype(jnp.bfloat16), jnp.ones((3, 3, 3, 8)), (4, 4), (1, 1),
+    native_conv.forward(x.astype(jnp.bfloat16), jnp.ones((3, 3, 3, 8)), (4, 4), (1, 1),
                    ((1, 1), (1, 1)))
 
 

@@ -3,7 +3,9 @@
 On GPU/TPU all attention goes through ``jax.nn.dot_product_attention`` so XLA
 can pick a fused kernel (cuDNN flash attention on GPU, the TPU kernel on TPU);
 on CPU it takes heads-major batched matmuls with a hand-written backward
-(``_heads_major_attention``). Parameters are float32; ``dtype`` is the
+(``_heads_major_attention``), or, in a one-device CPU process with the native
+custom calls built, native forward and backward kernels
+(``models.native_attention``). Parameters are float32; ``dtype`` is the
 compute dtype (bfloat16 on accelerators), which is how mixed precision is
 spelled in Flax.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fpdm_jax.models import dense
+from fpdm_jax.models import dense, native_attention
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -62,15 +64,28 @@ def _probabilities(q, k, mask):
   return jax.nn.softmax(logits, axis=-1)  # float32
 
 
+def _native(q, k, v, mask) -> bool:
+  """Whether the native calls compute this attention: they support the
+  operands, and the process has one CPU device (a custom call is not
+  partitioned: sharded, XLA would gather its operands)."""
+  return (native_attention.supports(q, k, v, mask) and dense.single_cpu_device()
+          and native_attention.available())
+
+
 @jax.custom_vjp
 def _attention(q, k, v, mask):
   """softmax(q k^T) v on [G, T, D] (q already scaled), softmax in float32."""
+  if _native(q, k, v, mask):
+    return native_attention.forward(q, k, v)
   return _attention_fwd(q, k, v, mask)[0]
 
 
 def _attention_fwd(q, k, v, mask):
-  p = _probabilities(q, k, mask)
-  o = jnp.einsum("gqk,gkd->gqd", p.astype(v.dtype), v)
+  if _native(q, k, v, mask):  # p in the native calls' layout (native_attention)
+    o, p = native_attention.forward_with_probabilities(q, k, v)
+  else:
+    p = _probabilities(q, k, mask)
+    o = jnp.einsum("gqk,gkd->gqd", p.astype(v.dtype), v)
   return o, (q, k, v, mask, p, o)
 
 
@@ -79,6 +94,11 @@ def _attention_bwd(res, do):
   dS = P * (dO V^T - rowsum(dO * O)). XLA's autodiff of the forward took
   twice as long for one head of 1024 tokens on CPU (100 vs 55 ms at batch 8)."""
   q, k, v, mask, p, o = res
+  if _native(q, k, v, mask):
+    do = do.astype(jnp.float32)
+    dq, ds = native_attention.backward_queries(k, v, o, p, do)
+    dk, dv = native_attention.backward_keys(q, do, p, ds, k.shape[1])
+    return dq, dk, dv, None
   dv = _sum_over_queries(p.astype(do.dtype), do)
   dp = jnp.einsum("gqd,gkd->gqk", do, v, preferred_element_type=jnp.float32)
   rows = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)

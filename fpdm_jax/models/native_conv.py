@@ -11,111 +11,33 @@ transposed kernel), are 1.1-1.9x behind. fpdm_jax/native/ has the loop nests
 oneDNN uses for both, registered with XLA through its FFI and run on XLA's own
 thread pool (findings 21 and 22; ``python -m benchmarks.kernel_gradient``).
 
-setup.py builds them at install for x86-64-v4 (AVX-512) and x86-64-v3
-(AVX2), or plainly on other Linux machines; ``library()`` picks the build this
-CPU can run. Without a build (no C++ compiler, not Linux, an older CPU) the
+``models.native`` loads the build this CPU can run; without one the
 convolution keeps XLA's kernels. ``models.convolution`` decides where each is
 used; ``FPDM_CONV_NATIVE_KERNEL_GRADIENT=0`` and ``FPDM_CONV_NATIVE_FORWARD=0``
 turn each off alone, to measure it.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-import importlib.machinery
-import logging
-import os
-import platform
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fpdm_jax import xla_cpu_flags
+from fpdm_jax.models import native
 
 KERNEL_GRADIENT_OPT_OUT = "FPDM_CONV_NATIVE_KERNEL_GRADIENT"
 FORWARD_OPT_OUT = "FPDM_CONV_NATIVE_FORWARD"
 
-# CPU flags (/proc/cpuinfo) each x86 build needs: what GCC's -march levels
-# may emit.
-_X86_V3 = frozenset({"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"})
-_X86_V4 = _X86_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
-# (library name under fpdm_jax/, the CPU flags it needs), best first.
-_BUILDS = {
-    "x86": (("_native_conv_v4", _X86_V4), ("_native_conv_v3", _X86_V3)),
-    "other": (("_native_conv", frozenset()),),
-}
-
-_log = logging.getLogger(__name__)
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return frozenset(line.split(":", 1)[1].split())
-  except OSError:
-    pass
-  return frozenset()
-
-
-@functools.cache
-def builds() -> tuple[str, ...]:
-  """Paths of the built libraries this CPU can run, best first."""
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  x86 = platform.machine().lower() in ("x86_64", "amd64")
-  flags = _cpu_flags() if x86 else frozenset()
-  found = []
-  for name, needs in _BUILDS["x86" if x86 else "other"]:
-    if needs <= flags:
-      found += [p for p in (os.path.join(here, name + suffix)
-                            for suffix in importlib.machinery.EXTENSION_SUFFIXES)
-                if os.path.isfile(p)][:1]
-  return tuple(found)
-
-
-def library() -> str | None:
-  """Path of the best build this CPU can run, or None."""
-  return next(iter(builds()), None)
-
-
-@functools.cache
-def _register(path: str | None) -> str | None:
-  """Loads the build at ``path`` and registers its two handlers with XLA under
-  names of their own (so a test can load both x86 builds); returns the names'
-  prefix (``<prefix>_forward``, ``<prefix>_kernel_gradient``), or None."""
-  if path is None:
-    _log.info("no native convolutions built for this CPU (see setup.py); convolutions keep "
-              "XLA's kernels")
-    return None
-  prefix = "fpdm" + os.path.basename(path).split(".")[0]  # fpdm_native_conv_v4
-  try:
-    lib = ctypes.CDLL(path)
-    for suffix, symbol in (("_forward", "FpdmConvForward"),
-                           ("_kernel_gradient", "FpdmConvKernelGradient")):
-      jax.ffi.register_ffi_target(prefix + suffix, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                  platform="cpu")
-  except (OSError, AttributeError, ValueError) as e:  # a build from another jaxlib, say
-    _log.warning("could not load %s (%s); convolutions keep XLA's kernels", path, e)
-    return None
-  return prefix
-
-
-def target_prefix() -> str | None:
-  """The registered custom-call targets' prefix for this CPU's build, or None."""
-  return _register(library())
-
 
 def forward_available() -> bool:
   """Whether the native forward is built, loaded and not switched off."""
-  return not xla_cpu_flags.opted_out(FORWARD_OPT_OUT) and target_prefix() is not None
+  return not xla_cpu_flags.opted_out(FORWARD_OPT_OUT) and native.target_prefix() is not None
 
 
 def kernel_gradient_available() -> bool:
   """Whether the native kernel gradient is built, loaded and not switched off."""
-  return not xla_cpu_flags.opted_out(KERNEL_GRADIENT_OPT_OUT) and target_prefix() is not None
+  return (not xla_cpu_flags.opted_out(KERNEL_GRADIENT_OPT_OUT)
+          and native.target_prefix() is not None)
 
 
 def _check(name, a, b, cout):
@@ -139,7 +61,7 @@ def forward(x, w, out_size, strides, padding):
   """
   _check("forward", x, w, w.shape[3])
   out = jax.ShapeDtypeStruct((x.shape[0], *out_size, w.shape[3]), jnp.float32)
-  call = jax.ffi.ffi_call(target_prefix() + "_forward", out, vmap_method="sequential")
+  call = jax.ffi.ffi_call(native.target_prefix() + "_conv_forward", out, vmap_method="sequential")
   return call(x, w, **_attrs(strides, padding))
 
 
@@ -166,7 +88,7 @@ def kernel_gradient(x, dy, kernel_shape, strides, padding):
   Call only where ``kernel_gradient_available()``.
   """
   _check("kernel gradient", x, dy, kernel_shape[3])
-  call = jax.ffi.ffi_call(target_prefix() + "_kernel_gradient",
+  call = jax.ffi.ffi_call(native.target_prefix() + "_conv_kernel_gradient",
                           jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
                           vmap_method="sequential")
   return call(x, dy, **_attrs(strides, padding))
