@@ -41,6 +41,8 @@ MODULE = "benchmarks.convolution"
 CASES = [
     ("UNet level 1", 8, 32, 64, 64, 1),
     ("UNet level 3", 8, 16, 128, 128, 1),
+    ("medium UNet level 3", 8, 8, 256, 256, 1),
+    ("medium UNet up level 2", 8, 16, 256, 128, 1),
     ("pose emb. 64x64", 8, 64, 96, 96, 1),
     ("pose emb. conv_in", 8, 256, 3, 8, 1),
     ("pose emb. conv_in, medium", 8, 256, 3, 16, 1),
@@ -50,6 +52,9 @@ CASES = [
     ("pose emb. down", 8, 128, 16, 32, 2),
     ("pose emb. 256x256", 8, 256, 8, 16, 2),
     ("pose emb. 256x256, medium", 8, 256, 16, 32, 2),
+    ("pose emb. 128x128 down, medium", 8, 128, 32, 96, 2),
+    ("pose emb. 64x64 down, medium", 8, 64, 96, 256, 2),
+    ("pose emb. conv_out, medium", 8, 32, 256, 64, 1),
     ("UNet level 1, b1", 1, 32, 64, 64, 1),
     ("pose emb. 128x128, b1", 1, 128, 32, 32, 1),
 ]

@@ -41,10 +41,34 @@ from pathlib import Path
 
 from benchmarks import common as bc
 
+STEPS = 20  # DDIM steps of a loop
+GUIDANCE = 2.0
+
 MODULE = "benchmarks.sampling"
 
 
 def run_one(spec: dict) -> dict:
+  import numpy as np
+  import torch
+  runners, info = build(spec)
+  first, outs = {}, {}
+  for impl, run in runners.items():
+    t = time.perf_counter()
+    outs[impl] = run()
+    first[impl] = time.perf_counter() - t
+  info["final_latents_max_abs_diff"] = float(np.abs(outs["jax"] - outs["torch"]).max())
+  info["final_latents_max_abs"] = float(np.abs(outs["torch"]).max())
+  times, _ = bc.interleaved(runners, spec["repeats"])
+  return {"spec": spec, "info": info, "first_loop_s": first,
+          "timing": {k: bc.summarize(v) for k, v in times.items()},
+          "torch_threads": torch.get_num_threads(), "loadavg_at_end": os.getloadavg()}
+
+
+def build(spec: dict, want=("jax", "torch")) -> tuple[dict, dict]:
+  """The sampling loops of ``spec`` (config, batch, steps, guidance,
+  torch_threads): {"jax": call, "torch": call} (those in ``want``), each
+  running one whole loop and returning its final latents (NHWC numpy), and
+  the JAX loop's compile facts."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -101,6 +125,10 @@ def run_one(spec: dict) -> dict:
   def run_jax():
     return np.asarray(bc.block(compiled(state, *args)))
 
+  runners = {"jax": run_jax}
+  if "torch" not in want:
+    return runners, info
+
   # --- torch, diffusers-pipeline style
   tunet.eval()
   scheduler = DDIMScheduler(
@@ -132,18 +160,8 @@ def run_one(spec: dict) -> dict:
         latents = scheduler.step(e, t, latents).prev_sample
     return latents.numpy().transpose(0, 2, 3, 1)
 
-  runners = {"jax": run_jax, "torch": run_torch}
-  first, outs = {}, {}
-  for impl, run in runners.items():
-    t = time.perf_counter()
-    outs[impl] = run()
-    first[impl] = time.perf_counter() - t
-  info["final_latents_max_abs_diff"] = float(np.abs(outs["jax"] - outs["torch"]).max())
-  info["final_latents_max_abs"] = float(np.abs(outs["torch"]).max())
-  times, _ = bc.interleaved(runners, spec["repeats"])
-  return {"spec": spec, "info": info, "first_loop_s": first,
-          "timing": {k: bc.summarize(v) for k, v in times.items()},
-          "torch_threads": torch.get_num_threads(), "loadavg_at_end": os.getloadavg()}
+  runners["torch"] = run_torch
+  return runners, info
 
 
 def table(rows: list[dict]) -> str:
@@ -170,8 +188,8 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--cases", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
                  help="comma-separated <config>-b<B> with config in "
                       f"{sorted(bc.UNET_CASES)} (default small-b1,small-b4,medium-b1,medium-b4)")
-  p.add_argument("--steps", type=int, help="DDIM steps (default 20; quick 4)")
-  p.add_argument("--guidance", type=float, default=2.0, help="g (default 2)")
+  p.add_argument("--steps", type=int, help=f"DDIM steps (default {STEPS}; quick 4)")
+  p.add_argument("--guidance", type=float, default=GUIDANCE, help="g (default %(default)s)")
   p.add_argument("--repeats", type=int, help="timed loops per implementation (default 5; quick 1)")
   p.add_argument("--torch-threads", type=int, default=0,
                  help="torch.set_num_threads; 0 keeps torch's default (= cores)")
@@ -185,7 +203,7 @@ def main(argv=None) -> int:
     print(json.dumps(run_one(json.loads(args.run_one)), default=str), flush=True)
     return 0
   quick = dict(cases=["tiny-b1"], steps=4, repeats=1)
-  full = dict(cases=["small-b1", "small-b4", "medium-b1", "medium-b4"], steps=20, repeats=5)
+  full = dict(cases=["small-b1", "small-b4", "medium-b1", "medium-b4"], steps=STEPS, repeats=5)
   for k, v in (quick if args.quick else full).items():
     if getattr(args, k) is None:
       setattr(args, k, v)

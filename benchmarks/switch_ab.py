@@ -12,9 +12,12 @@ reads these switches at trace time), and the two JAX steps and torch's are
 timed in interleaved blocks (``benchmarks.common.interleaved``). The
 speed-up column is off / on: what the rule the switch controls buys.
 
-Cases are ``benchmarks.train_step``'s UNet cases (unet-<config>-b<batch>).
+Cases are ``benchmarks.train_step``'s UNet and CLIP cases (unet-<config>-b<batch>,
+clip-b<batch>) and ``benchmarks.sampling``'s loops (sample-<config>-b<batch>:
+one call = a whole loop of its default steps and guidance).
 Switches: ``FPDM_CONV_NATIVE_KERNEL_GRADIENT`` and ``FPDM_CONV_NATIVE_FORWARD``
-(models.native_conv), ``FPDM_CONV_CPU_GRADIENTS`` (models.convolution's and
+(models.native_conv), ``FPDM_NATIVE_ATTENTION`` (models.native_attention),
+``FPDM_CONV_CPU_GRADIENTS`` (models.convolution's and
 models.dense's rules).
 """
 from __future__ import annotations
@@ -28,25 +31,38 @@ from pathlib import Path
 from benchmarks import common as bc
 
 MODULE = "benchmarks.switch_ab"
-SWITCHES = ("FPDM_CONV_NATIVE_KERNEL_GRADIENT", "FPDM_CONV_NATIVE_FORWARD",
+SWITCHES = ("FPDM_CONV_NATIVE_KERNEL_GRADIENT", "FPDM_CONV_NATIVE_FORWARD", "FPDM_NATIVE_ATTENTION",
             "FPDM_CONV_CPU_GRADIENTS")
 
 
-def run_case(case: str, switch: str, repeats: int, block: int) -> dict:
-  from benchmarks import train_step
-  try:
-    _, config, batch = case.split("-")
-    spec = {"config": config, "batch": int(batch.removeprefix("b"))}
-  except ValueError:
-    raise SystemExit(f"--cases: {case!r} is not unet-<config>-b<batch>") from None
+def _builder(case: str):
+  """build(want, workdir) -> {"jax": call, "torch": call} for a case name."""
+  from benchmarks import sampling, train_step
+  parts = case.split("-")
+  if len(parts) == 2 and parts[0] == "clip" and parts[1][1:].isdigit():
+    spec = {"batch": int(parts[1][1:]), "clip": train_step.CLIP_CASE}
+    return lambda want, d: train_step.clip_case(spec, d, want=want)[0]
+  if len(parts) != 3 or parts[0] not in ("unet", "sample") or not parts[2][1:].isdigit():
+    raise SystemExit(f"--cases: {case!r} is not unet-<config>-b<batch>, "
+                     "sample-<config>-b<batch> or clip-b<batch>")
+  kind, config, batch = parts
   if config not in bc.UNET_CASES:
     raise SystemExit(f"--cases: no UNet config {config!r} (have {', '.join(bc.UNET_CASES)})")
+  spec = {"config": config, "batch": int(batch[1:])}
+  if kind == "sample":
+    spec.update(steps=sampling.STEPS, guidance=sampling.GUIDANCE)
+    return lambda want, d: sampling.build(spec, want)[0]
+  return lambda want, d: train_step.unet_case(spec, d, want=want)[0]
+
+
+def run_case(case: str, switch: str, repeats: int, block: int) -> dict:
+  build = _builder(case)
   with tempfile.TemporaryDirectory(prefix="switch_ab_") as d:
-    on, info, _ = train_step.unet_case(spec, Path(d) / "on")
+    on = build(("jax", "torch"), Path(d) / "on")
     saved = os.environ.get(switch)
     os.environ[switch] = "0"
     try:
-      off, _, _ = train_step.unet_case(spec, Path(d) / "off", want=("jax",))
+      off = build(("jax",), Path(d) / "off")
     finally:
       if saved is None:
         del os.environ[switch]
@@ -54,8 +70,7 @@ def run_case(case: str, switch: str, repeats: int, block: int) -> dict:
         os.environ[switch] = saved
   calls = {"on": on["jax"], "off": off["jax"], "torch": on["torch"]}
   times, _ = bc.interleaved(calls, repeats, warmup=2, block=block)
-  return {"case": case, "params": info["params"],
-          "times": {k: bc.summarize(t) for k, t in times.items()}}
+  return {"case": case, "times": {k: bc.summarize(t) for k, t in times.items()}}
 
 
 def table(rows: list[dict], switch: str) -> str:
@@ -74,7 +89,8 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--switch", required=True, choices=SWITCHES)
   p.add_argument("--cases", default="unet-small-b1,unet-small-b8",
-                 help="comma-separated unet-<config>-b<batch> (default %(default)s)")
+                 help="comma-separated unet-<config>-b<batch>, sample-<config>-b<batch> or "
+                 "clip-b<batch> (default %(default)s)")
   p.add_argument("--quick", action="store_true", help="smoke run: unet-tiny-b1, 3 repeats")
   p.add_argument("--repeats", type=int, default=24, help="timed steps of each (default 24)")
   p.add_argument("--block", type=int, default=3,
