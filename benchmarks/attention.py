@@ -1,29 +1,34 @@
 """One attention's forward and backward at the UNet's and CLIP's shapes: our CPU
-path with dK and dV written plainly, as shipped (``fpdm_jax/models/attention.py``),
-and torch's ``scaled_dot_product_attention``.
+paths (``fpdm_jax/models/attention.py``) and torch's
+``scaled_dot_product_attention``.
 
   python -m benchmarks.attention [--quick] [--json OUT.json] [--torch-threads N]
 
 Why this exists: XLA:CPU has no fused attention kernel, so the CPU path is
-written out (heads-major batched matmuls, a flash-style backward), and how
-XLA places each of its dots decides its speed. dK = dS^T Q and dV = P^T dO
-contract the query axis of both operands; written plainly XLA gives that dot
-to Eigen, several times slower than the same FLOPs as a batched matmul
-(benchmarks/README.md, finding 15). The "plain" column is that form
-(``TRANSPOSED_FORM_MIN_QUERIES`` set out of reach), "fpdm" what the models
-run. A new jaxlib can be checked in a minute: where "plain" catches up, the
-transposed form can go.
+either written out in XLA (heads-major batched matmuls, a flash-style
+backward) or, in a one-device process, the native calls of
+``models.native_attention``. In the XLA path, how XLA places each dot
+decides its speed: dK = dS^T Q and dV = P^T dO contract the query axis of
+both operands, and written plainly XLA gives that dot to Eigen, several
+times slower than the same FLOPs as a batched matmul (benchmarks/README.md,
+finding 15). Columns: "plain" is the XLA path with that form
+(``TRANSPOSED_FORM_MIN_QUERIES`` set out of reach), "xla" the XLA path as
+shipped (what multi-device processes, masks and bfloat16 get), "fpdm" what
+the models run here (the native calls, finding 23). A new jaxlib can be
+checked in a minute: where "plain" catches up with "xla", the transposed
+form can go; where "xla" catches up with "fpdm", the native calls can.
 
 Method: q, k, v, dO standard normal float32, [batch, tokens, heads, head_dim]
 for JAX and [batch, heads, tokens, head_dim] for torch; one jitted function
 per column returning the output and the three gradients (``jax.vjp``); torch
 runs SDPA forward and ``backward`` with fresh leaf tensors. Median of
---repeats calls after 2 warm-up calls, the three columns timed in rotating
+--repeats calls after 2 warm-up calls, the four columns timed in rotating
 rounds; all in one process, torch on --torch-threads threads.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 
@@ -52,7 +57,7 @@ def run(cases, repeats: int, torch_threads: int) -> list[dict]:
   import numpy as np
   import torch
 
-  from fpdm_jax.models import attention
+  from fpdm_jax.models import attention, native_attention
 
   def step(q, k, v, do):
     out, vjp = jax.vjp(attention.dot_product_attention, q, k, v)
@@ -68,15 +73,24 @@ def run(cases, repeats: int, torch_threads: int) -> list[dict]:
     args = [jax.numpy.asarray(x) for x in (q, k, v, do)]
     compiled, results = {}, {}
     shipped = attention.TRANSPOSED_FORM_MIN_QUERIES
-    for name, threshold in (("plain", 1 << 62), ("fpdm", shipped)):
-      # The switch is read while tracing, and JAX caches the traced backward
-      # of a custom_vjp: clear that cache so each column is traced with its own.
+    for name, threshold, native in (("plain", 1 << 62, "0"), ("xla", shipped, "0"),
+                                    ("fpdm", shipped, None)):
+      # Both switches are read while tracing, and JAX caches the traced
+      # backward of a custom_vjp: clear that cache so each column is traced
+      # with its own.
       attention.TRANSPOSED_FORM_MIN_QUERIES = threshold
+      saved = os.environ.get(native_attention.OPT_OUT)
+      if native is not None:
+        os.environ[native_attention.OPT_OUT] = native
       jax.clear_caches()
       try:
         compiled[name] = jax.jit(step).lower(*args).compile()
       finally:
         attention.TRANSPOSED_FORM_MIN_QUERIES = shipped
+        if saved is None:
+          os.environ.pop(native_attention.OPT_OUT, None)
+        else:
+          os.environ[native_attention.OPT_OUT] = saved
       results[name] = jax.tree.map(np.asarray, compiled[name](*args))
     tq, tk, tv, tdo = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()) for x in (q, k, v, do))
 
@@ -105,13 +119,15 @@ def run(cases, repeats: int, torch_threads: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-  out = ["| attention (batch, queries x keys, heads x dim) | GFLOP | plain ms | fpdm ms | torch ms "
-         "| plain / fpdm | torch / fpdm |", "|---|---:|---:|---:|---:|---:|---:|"]
+  out = ["| attention (batch, queries x keys, heads x dim) | GFLOP | plain ms | xla ms | fpdm ms "
+         "| torch ms | plain / xla | xla / fpdm | torch / fpdm |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     label, b, t, s, n, d = r["case"]
     ms = r["ms"]
     out.append(f"| {label} (b{b}, {t}x{s}, {n}x{d}) | {r['gflop']:.2f} | {ms['plain']:.1f} | "
-               f"{ms['fpdm']:.1f} | {ms['torch']:.1f} | {ms['plain'] / ms['fpdm']:.2f}× | "
+               f"{ms['xla']:.1f} | {ms['fpdm']:.1f} | {ms['torch']:.1f} | "
+               f"{ms['plain'] / ms['xla']:.2f}× | {ms['xla'] / ms['fpdm']:.2f}× | "
                f"{ms['torch'] / ms['fpdm']:.2f}× |")
   return "\n".join(out)
 
