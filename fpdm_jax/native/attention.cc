@@ -33,12 +33,14 @@ using namespace fpdm_native;  // NOLINT: this file's own helpers
 
 using Heads = ffi::Buffer<ffi::F32, 3>;  // [G, tokens, D]
 
+// The widest tile: kRows x kWideVectors accumulators, plus the b vectors
+// and a broadcast, fit the vector registers (32 with AVX-512, 16 without).
 #if defined(__AVX512F__)
 using Vec = V16;
-constexpr int kLogitVectors = 4;  // 64 keys per logits tile
+constexpr int kWideVectors = 4;  // 64 columns per tile
 #else
 using Vec = V8;
-constexpr int kLogitVectors = 2;  // 16 keys per logits tile
+constexpr int kWideVectors = 2;  // 16 columns per tile
 #endif
 constexpr int kLanes = sizeof(Vec) / sizeof(float);
 // Rows per tile, in both matmuls (query blocks are padded to a multiple).
@@ -68,13 +70,13 @@ inline void Tile(const float* a, int64_t am, int64_t ak, const float* b, int64_t
     for (int v = 0; v < NV; ++v) Store(c + m * ldc + v * kLanes, acc[m][v]);
 }
 
-// The widths of k's column panels, widest first: kLogitVectors, 2 and 1
+// The widths of the column panels, widest first: kWideVectors, 2 and 1
 // vectors (the last ones padded with zero keys).
 template <typename Fn>
 void ForEachPanel(int64_t n, Fn fn) {
   int64_t col = 0;
-  for (; col + kLogitVectors * kLanes <= n; col += kLogitVectors * kLanes)
-    fn(col, kLogitVectors);
+  for (; col + kWideVectors * kLanes <= n; col += kWideVectors * kLanes)
+    fn(col, kWideVectors);
   for (; col + 2 * kLanes <= n; col += 2 * kLanes) fn(col, 2);
   for (; col < n; col += kLanes) fn(col, 1);
 }
@@ -89,8 +91,8 @@ void PanelMatMul(const float* a, int64_t lda, const float* b, int64_t depth, flo
     const float* panel = b + col * depth;
     const int64_t w = nv * kLanes;
     for (int64_t r = 0; r < rows; r += kRows) {
-      if (nv == kLogitVectors)
-        Tile<kLogitVectors>(a + r * lda, lda, 1, panel, w, depth, c + r * ldc + col, ldc);
+      if (nv == kWideVectors)
+        Tile<kWideVectors>(a + r * lda, lda, 1, panel, w, depth, c + r * ldc + col, ldc);
       else if (nv == 2)
         Tile<2>(a + r * lda, lda, 1, panel, w, depth, c + r * ldc + col, ldc);
       else
@@ -104,9 +106,9 @@ void PanelMatMul(const float* a, int64_t lda, const float* b, int64_t depth, flo
 void MatMul(const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb, int64_t depth,
             float* c, int64_t ldc, int64_t rows, int64_t n) {
   int64_t col = 0;
-  for (; col + 4 * kLanes <= n; col += 4 * kLanes)
+  for (; col + kWideVectors * kLanes <= n; col += kWideVectors * kLanes)
     for (int64_t r = 0; r < rows; r += kRows)
-      Tile<4>(a + r * am, am, ak, b + col, ldb, depth, c + r * ldc + col, ldc);
+      Tile<kWideVectors>(a + r * am, am, ak, b + col, ldb, depth, c + r * ldc + col, ldc);
   for (; col + 2 * kLanes <= n; col += 2 * kLanes)
     for (int64_t r = 0; r < rows; r += kRows)
       Tile<2>(a + r * am, am, ak, b + col, ldb, depth, c + r * ldc + col, ldc);
