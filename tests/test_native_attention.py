@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,20 +15,10 @@ import numpy as np
 import pytest
 
 from fpdm_jax.models import attention, dense, native, native_attention
+from tests import native_fixture
 
-if native.library() is None:
-  if sys.platform.startswith("linux") and shutil.which("g++"):
-    pytest.fail("no fpdm_jax/_native*.so for this CPU although g++ is installed: "
-                "re-run `pip install -e .` (or `make install`) and read its build output",
-                pytrace=False)
-  pytest.skip("the native custom calls are built only on Linux with a C++ compiler",
-              allow_module_level=True)
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_device(monkeypatch):
-  """The suite simulates 8 CPU devices; the native calls are for one-device processes."""
-  monkeypatch.setattr(dense, "single_cpu_device", lambda: True)
+native_fixture.require_library()
+one_cpu_device = native_fixture.one_cpu_device
 
 
 # (heads G, queries T, keys S, head size D): tiles of 6 rows and 16-64 keys,
@@ -63,11 +52,7 @@ def _close(got, want, what, rtol=2e-5):
   np.testing.assert_allclose(got, want, atol=rtol * float(jnp.abs(want).max()), err_msg=what)
 
 
-def _native_builds():
-  return native.builds()
-
-
-@pytest.fixture(params=_native_builds(), ids=lambda p: os.path.basename(p).split(".")[0])
+@pytest.fixture(params=native.builds(), ids=lambda p: os.path.basename(p).split(".")[0])
 def build(request, monkeypatch):
   monkeypatch.setattr(native, "library", lambda: request.param)
   return request.param

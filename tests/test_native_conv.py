@@ -7,7 +7,6 @@ cache.
 """
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,22 +19,12 @@ from jax import lax
 
 from fpdm_jax.models import convolution, dense, native
 from fpdm_jax.models import native_conv
+from tests import native_fixture
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
-if native.library() is None:
-  if sys.platform.startswith("linux") and shutil.which("g++"):
-    pytest.fail("no fpdm_jax/_native*.so for this CPU although g++ is installed: "
-                "re-run `pip install -e .` (or `make install`) and read its build output",
-                pytrace=False)
-  pytest.skip("the native convolutions are built only on Linux with a C++ compiler",
-              allow_module_level=True)
-
-
-@pytest.fixture(autouse=True)
-def one_cpu_device(monkeypatch):
-  """The suite simulates 8 CPU devices; the rule is for one-device processes."""
-  monkeypatch.setattr(dense, "single_cpu_device", lambda: True)
+native_fixture.require_library()
+one_cpu_device = native_fixture.one_cpu_device
 
 
 def _lax_kernel_gradient(x, dy, kernel_shape, strides, padding):

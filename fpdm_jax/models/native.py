@@ -3,10 +3,9 @@ runs, loaded and registered with XLA once per process.
 
 Two families live in one library, each with its own Python wrappers:
 ``models.native_conv`` (thin convolutions' forward and kernel gradient) and
-``models.native_attention`` (softmax attention's forward and the query side of
-its backward). setup.py builds the
-library at install for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2), or plainly
-on other Linux machines, as ``fpdm_jax/_native_v4*.so`` and so on;
+``models.native_attention`` (softmax attention, forward and backward).
+setup.py builds the library at install for x86-64-v4 (AVX-512) and x86-64-v3
+(AVX2), or plainly on other Linux machines, as ``fpdm_jax/_native_v4*.so`` and so on;
 ``library()`` picks the best build this CPU can run. Without one (no C++
 compiler, not Linux, an older CPU) every model keeps XLA's kernels.
 """
@@ -32,8 +31,6 @@ _BUILDS = {
     "x86": (("_native_v4", _X86_V4), ("_native_v3", _X86_V3)),
     "other": (("_native", frozenset()),),
 }
-
-_log = logging.getLogger(__name__)
 
 
 @functools.cache

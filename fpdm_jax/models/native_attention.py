@@ -10,7 +10,7 @@ matmuls and the softmax while its logits are in cache, and the backward the
 same way: 1.3-1.7x faster than XLA's forward, and a whole small-UNet sampling
 loop 1.25-1.33x faster (benchmarks/README.md, finding 23).
 
-Three calls: ``forward`` (o only, for sampling), ``forward_with_probabilities``
+Four calls: ``forward`` (o only, for sampling), ``forward_with_probabilities``
 (o and P for a backward pass, P in a layout of the calls' own:
 ``probability_stride``), and the backward as ``backward_queries`` (dQ, dS)
 then ``backward_keys`` (dK, dV). ``models.attention`` decides where they are

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -184,7 +185,7 @@ struct Problem {
   const float* v;
   float* o;
   float* p;  // [G, T, keys_padded]: the probabilities, zero past S, or nullptr
-  int64_t heads, queries, keys, dim;
+  int64_t queries, keys, dim;
   int64_t keys_padded;  // KeysStride(S): the logits' (and P's) row stride
   int64_t block_rows;   // query rows per chunk, a multiple of kRows
   const float* kt;      // per head, k^T [D, keys_padded] in column panels (PanelMatMul)
@@ -268,7 +269,7 @@ ffi::Error Run(ffi::ThreadPool& pool, const Heads& q, const Heads& k, const Head
   const std::vector<float> kt = TransposedPanels(pool, k.typed_data(), g_count, s, d, sp);
   const int64_t block_rows = BlockRows(sp);
   const int64_t blocks = (t + block_rows - 1) / block_rows;
-  const Problem prob{q.typed_data(), k.typed_data(), v.typed_data(), o, p, g_count, t, s, d, sp,
+  const Problem prob{q.typed_data(), k.typed_data(), v.typed_data(), o, p, t, s, d, sp,
                      block_rows, kt.data()};
   RunChunks(pool, g_count * blocks, g_count * t * s * d * 2, [&](int64_t c) {
     thread_local std::vector<float> scratch;
@@ -384,50 +385,38 @@ ffi::Error BackwardKeys(ffi::ThreadPool pool, Heads q, Heads d_o, Heads p, Heads
   });
   return ffi::Error::Success();
 }
+// The FFI signature of every call here: the pool, kArgs [G, tokens, D]
+// operands, kRets >= 1 results of the same kind. (The last step is a Ret()
+// call: a Binding cannot be copied or moved out of a variable.)
+template <int kArgs, int kRets, typename B>
+auto WithHeads(B&& binding) {
+  static_assert(kRets >= 1);
+  if constexpr (kArgs > 0)
+    return WithHeads<kArgs - 1, kRets>(std::move(binding).template Arg<Heads>());
+  else if constexpr (kRets > 1)
+    return WithHeads<0, kRets - 1>(std::move(binding).template Ret<Heads>());
+  else
+    return std::move(binding).template Ret<Heads>();
+}
+
+template <int kArgs, int kRets>
+auto HeadsBinding() {
+  return WithHeads<kArgs, kRets>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>());
+}
+
 }  // namespace
 
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* FpdmAttentionForward(
-    XLA_FFI_CallFrame* call_frame);
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error*
-FpdmAttentionForwardWithProbabilities(XLA_FFI_CallFrame* call_frame);
+// The exported symbols (the rest is built with -fvisibility=hidden).
+#define FPDM_EXPORT extern "C" __attribute__((visibility("default"))) XLA_FFI_Error*
+FPDM_EXPORT FpdmAttentionForward(XLA_FFI_CallFrame* call_frame);
+FPDM_EXPORT FpdmAttentionForwardWithProbabilities(XLA_FFI_CallFrame* call_frame);
+FPDM_EXPORT FpdmAttentionBackwardQueries(XLA_FFI_CallFrame* call_frame);
+FPDM_EXPORT FpdmAttentionBackwardKeys(XLA_FFI_CallFrame* call_frame);
+#undef FPDM_EXPORT
 
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* FpdmAttentionBackwardQueries(
-    XLA_FFI_CallFrame* call_frame);
-
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* FpdmAttentionBackwardKeys(
-    XLA_FFI_CallFrame* call_frame);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Heads>()
-                                  .Arg<Heads>()
-                                  .Arg<Heads>()
-                                  .Ret<Heads>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmAttentionForward, Forward, (HeadsBinding<3, 1>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmAttentionForwardWithProbabilities, ForwardWithProbabilities,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Heads>()
-                                  .Arg<Heads>()
-                                  .Arg<Heads>()
-                                  .Ret<Heads>()
-                                  .Ret<Heads>());
+                              (HeadsBinding<3, 2>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmAttentionBackwardQueries, BackwardQueries,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Heads>()
-                                  .Arg<Heads>()
-                                  .Arg<Heads>()
-                                  .Arg<Heads>()
-                                  .Arg<Heads>()
-                                  .Ret<Heads>()
-                                  .Ret<Heads>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmAttentionBackwardKeys, BackwardKeys,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Heads>()
-                                  .Arg<Heads>()
-                                  .Arg<Heads>()
-                                  .Arg<Heads>()
-                                  .Ret<Heads>()
-                                  .Ret<Heads>());
+                              (HeadsBinding<5, 2>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmAttentionBackwardKeys, BackwardKeys, (HeadsBinding<4, 2>()));
