@@ -1,6 +1,6 @@
 """The model convolution's CPU rules: per-tap kernel gradients at batch 1,
 space-to-depth input gradients of thin stride-2 convs, tap-sum forwards of
-RGB-input convs at large image sizes.
+RGB-input convs at large image sizes, Winograd convolutions of wide 3x3 ones.
 
 The values must be what autodiff of ``lax.conv_general_dilated`` gives (to
 float32 summation order), and each rule must really be the one taken where it
@@ -231,3 +231,51 @@ def test_model_convs_use_it():
   x = jnp.ones((1, 8, 8, 16))
   graphdef, params = nnx.split(conv)
   assert _tap_matmuls(lambda p: nnx.merge(graphdef, p)(x).sum(), params) == 9
+
+
+@pytest.mark.parametrize("size,padding", [
+    ((8, 8), ((1, 1), (1, 1))),     # the UNet's resnets
+    ((9, 7), ((1, 1), (1, 1))),     # odd output sizes: computed larger and cut
+    ((8, 10), ((0, 0), (0, 0))),    # VALID
+    ((7, 8), ((2, 0), (1, 2))),     # uneven padding
+])
+def test_winograd_matches_autodiff_of_lax_conv(size, padding):
+  """F(2x2, 3x3)'s forward and (autodiff) gradients against lax's direct
+  convolution, to a few float32 roundings of the largest value."""
+  from fpdm_jax.models import winograd
+  rng = np.random.default_rng(size[0] * size[1])
+  x = jnp.asarray(rng.normal(size=(2, *size, 12)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 12, 8)), jnp.float32)
+
+  def loss(conv, x, w):
+    return jnp.sum(jnp.sin(conv(x, w)))
+
+  direct = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+      x, w, (1, 1), padding, dimension_numbers=NHWC, precision="highest")
+  ours = lambda x, w: winograd.conv3x3(x, w, padding)  # noqa: E731
+  want, got = direct(x, w), jax.jit(ours)(x, w)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
+  for g, r, name in zip(jax.jit(jax.grad(lambda x, w: loss(ours, x, w), (0, 1)))(x, w),
+                        jax.grad(lambda x, w: loss(direct, x, w), (0, 1))(x, w),
+                        ("input", "kernel")):
+    np.testing.assert_allclose(g, r, atol=1e-5 * float(jnp.abs(r).max()), rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("shape,stride,taken", [
+    ((8, 8, 8, 256, 256), 1, True),    # the medium UNet's 8x8 level at batch 8
+    ((8, 8, 8, 512, 256), 1, True),    # its up block's concatenated input
+    ((1, 8, 8, 256, 256), 1, False),   # batch 1: too few tiles for the matmuls
+    ((8, 16, 16, 128, 128), 1, False), # too few channels
+    ((8, 8, 8, 256, 256), 2, False),   # stride 2
+])
+def test_winograd_only_where_it_is_faster(shape, stride, taken, monkeypatch):
+  b, h, wd, cin, cout = shape
+  x, w = jnp.zeros((b, h, wd, cin)), jnp.zeros((3, 3, cin, cout))
+  # A fresh lambda per trace: the switch is read at trace time.
+  conv = lambda: lambda x, w: convolution.conv_general_dilated(  # noqa: E731
+      x, w, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+  assert _forward_convs(conv(), x, w) == (0 if taken else 1)
+  if taken:
+    monkeypatch.setenv(convolution.WINOGRAD_OPT_OUT, "0")
+    assert _forward_convs(conv(), x, w) == 1

@@ -30,7 +30,7 @@ the machine's matmul rate (benchmarks/README.md, findings 11, 12, 16, 21 and
   custom calls built: the native forward of the output gradient with the
   flipped, transposed kernel, 1.1-2x faster than XLA's.
 
-And two forwards:
+And three forwards:
 
 - **Thin convolutions** (8-64 channels on one side, C_in at least 8), in a
   one-device CPU process with the native custom calls built: the native
@@ -46,15 +46,23 @@ And two forwards:
   it is one elementwise loop that XLA fuses with the bias and SiLU after it:
   6 ms (3 -> 16: 35 -> 10 ms). Its gradients stay the convolution's.
 
+- **Wide 3x3 stride-1 convolutions at a small image size** (a UNet's
+  256-channel 8x8 level at batch 8): Winograd F(2x2, 3x3)
+  (``models.winograd``), 2.25x fewer multiplies in the forward and, through
+  autodiff of the same expression, in both gradients. At these shapes
+  XLA's and torch's direct convolutions both run at about the machine's
+  matmul rate, so fewer multiplies is what is left to win; at larger images
+  or fewer channels the transforms' memory traffic costs more than it saves.
+
 Every other forward is XLA's, and on GPU/TPU nothing changes: these rules
 are used only when JAX's default backend is the CPU. Like any
 ``jax.custom_vjp`` it has no forward-mode rule, so ``jax.jvp`` through these
 convolutions fails on the CPU (nothing in fpdm_jax uses forward mode);
-``FPDM_CONV_CPU_GRADIENTS=0`` in the environment turns all three rules off (and
+``FPDM_CONV_CPU_GRADIENTS=0`` in the environment turns all these rules off (and
 ``models.dense``'s kernel-gradient rule with them), for that or to measure
 what they change; ``FPDM_CONV_NATIVE_KERNEL_GRADIENT=0`` and
 ``FPDM_CONV_NATIVE_FORWARD=0`` (forward and input gradient) the native calls
-alone.
+alone, ``FPDM_CONV_WINOGRAD=0`` the Winograd convolutions alone.
 """
 from __future__ import annotations
 
@@ -66,8 +74,10 @@ from jax import lax
 
 from fpdm_jax import xla_cpu_flags
 from fpdm_jax.models import native_conv as native
+from fpdm_jax.models import winograd
 
 ENV_OPT_OUT = "FPDM_CONV_CPU_GRADIENTS"
+WINOGRAD_OPT_OUT = "FPDM_CONV_WINOGRAD"
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Per-tap and native kernel gradients for 3x3 kernels and smaller. A 16x16
@@ -89,6 +99,14 @@ _MAX_S2D_IN_CHANNELS = 32
 # is 42 -> 23 ms, 3 -> 64 is 57 -> 41 ms, but 8 -> 8 is 22 -> 27 ms and
 # 32x32, 4 -> 32 (a small UNet's conv_in) 0.5 -> 0.7 ms; 64x64, 3 -> 16 is
 # 2.2 -> 0.6 ms.
+# Winograd F(2x2, 3x3) convolutions where both sides have at least this many
+# channels and the batch at least this many pixels: batch 8, 8x8, 256 -> 256
+# is 1.3-1.5x faster forward and backward, and the medium UNet's batch-8
+# step 1.035x (python -m benchmarks.switch_ab --switch FPDM_CONV_WINOGRAD);
+# 16x16, 128 -> 128 is 0.8x, and adding 16x16, 384 -> 128 and 256 -> 128
+# changed the step by 0.99x (benchmarks/README.md, finding 24).
+_MIN_WINOGRAD_CHANNELS = 256
+_MIN_WINOGRAD_PIXELS = 512
 _MAX_TAP_SUM_IN_CHANNELS = 4
 _MAX_TAP_SUM_OUT_CHANNELS = 32
 _MIN_TAP_SUM_PIXELS = 64 * 64
@@ -103,6 +121,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                  feature_group_count, batch_group_count, kwargs):
     strides = tuple(window_strides)
     padding = tuple(tuple(p) for p in padding)
+    if _winograd(lhs, rhs, strides):
+      return winograd.conv3x3(lhs, rhs, padding)
     if (_native_kernel_gradient(lhs, rhs) or _native_forward(lhs, rhs)
         or _per_tap_kernel_gradient(lhs.shape, rhs.shape)
         or _s2d_input_gradient(rhs.shape, strides)
@@ -168,6 +188,14 @@ def _per_tap_kernel_gradient(x_shape, w_shape) -> bool:
 def _s2d_input_gradient(w_shape, strides) -> bool:
   kh, kw, cin, _ = w_shape
   return strides == (2, 2) and kh <= 4 and kw <= 4 and cin <= _MAX_S2D_IN_CHANNELS
+
+
+def _winograd(x, w, strides) -> bool:
+  b, h, wd, _ = x.shape
+  return (w.shape[:2] == (3, 3) and strides == (1, 1)
+          and x.dtype == jnp.float32 and w.dtype == jnp.float32
+          and min(w.shape[2:]) >= _MIN_WINOGRAD_CHANNELS and b * h * wd >= _MIN_WINOGRAD_PIXELS
+          and not xla_cpu_flags.opted_out(WINOGRAD_OPT_OUT))
 
 
 def _tap_sum_forward(x_shape, w_shape, strides, padding) -> bool:
