@@ -99,17 +99,17 @@ _MAX_S2D_IN_CHANNELS = 32
 # is 42 -> 23 ms, 3 -> 64 is 57 -> 41 ms, but 8 -> 8 is 22 -> 27 ms and
 # 32x32, 4 -> 32 (a small UNet's conv_in) 0.5 -> 0.7 ms; 64x64, 3 -> 16 is
 # 2.2 -> 0.6 ms.
-# Winograd F(2x2, 3x3) convolutions where both sides have at least this many
-# channels and the batch at least this many pixels: batch 8, 8x8, 256 -> 256
-# is 1.3-1.5x faster forward and backward, and the medium UNet's batch-8
-# step 1.035x (python -m benchmarks.switch_ab --switch FPDM_CONV_WINOGRAD);
-# 16x16, 128 -> 128 is 0.8x, and adding 16x16, 384 -> 128 and 256 -> 128
-# changed the step by 0.99x (benchmarks/README.md, finding 24).
-_MIN_WINOGRAD_CHANNELS = 256
-_MIN_WINOGRAD_PIXELS = 512
 _MAX_TAP_SUM_IN_CHANNELS = 4
 _MAX_TAP_SUM_OUT_CHANNELS = 32
 _MIN_TAP_SUM_PIXELS = 64 * 64
+# Winograd F(2x2, 3x3) convolutions where both sides have at least this many
+# channels and the batch at least this many pixels: batch 8, 8x8, 256 -> 256
+# is 1.3-1.5x faster forward and backward, and the medium UNet's batch-8
+# step 1.031x (1.035x in a first run; python -m benchmarks.switch_ab
+# --switch FPDM_CONV_WINOGRAD); 16x16, 128 -> 128 is 0.8x, and adding 16x16, 384 -> 128 and 256 -> 128
+# changed the step by 0.99x (benchmarks/README.md, finding 24).
+_MIN_WINOGRAD_CHANNELS = 256
+_MIN_WINOGRAD_PIXELS = 512
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -122,7 +122,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     strides = tuple(window_strides)
     padding = tuple(tuple(p) for p in padding)
     if _winograd(lhs, rhs, strides):
-      return winograd.conv3x3(lhs, rhs, padding)
+      return winograd.conv3x3(lhs, rhs, padding, precision)
     if (_native_kernel_gradient(lhs, rhs) or _native_forward(lhs, rhs)
         or _per_tap_kernel_gradient(lhs.shape, rhs.shape)
         or _s2d_input_gradient(rhs.shape, strides)

@@ -59,11 +59,12 @@ def _apply(matrix, xs):
   return out
 
 
-def conv3x3(x: jax.Array, w: jax.Array, padding) -> jax.Array:
+def conv3x3(x: jax.Array, w: jax.Array, padding, precision=None) -> jax.Array:
   """The stride-1 NHWC x HWIO convolution of ``x`` [B, H, W, C_in] with a 3x3
   kernel ``w`` [3, 3, C_in, C_out] and explicit ``padding`` ((top, bottom),
-  (left, right)), as ``lax.conv_general_dilated`` computes it. An odd output
-  size is computed one row or column larger and cut.
+  (left, right)), as ``lax.conv_general_dilated`` computes it (``precision``
+  is the matmuls'). An odd output size is computed one row or column larger
+  and cut.
   """
   if w.shape[:2] != (3, 3):
     raise ValueError(f"winograd.conv3x3: a 3x3 kernel only, got {w.shape}")
@@ -83,7 +84,8 @@ def conv3x3(x: jax.Array, w: jax.Array, padding) -> jax.Array:
   v = v.reshape(16, b * th * tw, cin)
   u = jnp.stack([c for r in _apply(_G, list(w)) for c in _apply(_G, list(r))])
   u = u.reshape(16, cin, cout)
-  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # [16, tiles, C_out]
+  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))),  # [16, tiles, C_out]
+                      precision=precision)
   m = m.reshape(4, 4, b, th, tw, cout)
   y = [_apply(_AT, list(mk)) for mk in _apply(_AT, list(m))]  # y[a][c]: [B, th, tw, C_out]
   y = jnp.stack([jnp.stack(ya, axis=3) for ya in y], axis=2)  # [B, th, 2, tw, 2, C_out]

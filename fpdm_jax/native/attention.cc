@@ -34,6 +34,12 @@ using namespace fpdm_native;  // NOLINT: this file's own helpers
 
 using Heads = ffi::Buffer<ffi::F32, 3>;  // [G, tokens, D]
 
+// Whether two operands' dimensions are equal.
+template <typename A, typename B>
+bool SameShape(const A& a, const B& b) {
+  return a[0] == b[0] && a[1] == b[1] && a[2] == b[2];
+}
+
 // The widest tile: kRows x kWideVectors accumulators, plus the b vectors
 // and a broadcast, fit the vector registers (32 with AVX-512, 16 without).
 #if defined(__AVX512F__)
@@ -301,9 +307,8 @@ ffi::Error BackwardQueries(ffi::ThreadPool pool, Heads k, Heads v, Heads o, Head
   const auto kd = k.dimensions(), od = o.dimensions(), pd = p.dimensions();
   const int64_t g_count = od[0], t = od[1], d = od[2], s = kd[1];
   const int64_t sp = KeysStride(s);
-  const auto same = [](auto a, auto b) { return a[0] == b[0] && a[1] == b[1] && a[2] == b[2]; };
-  if (kd[0] != g_count || kd[2] != d || !same(v.dimensions(), kd) || !same(d_o.dimensions(), od) ||
-      pd[0] != g_count || pd[1] != t || pd[2] != sp)
+  if (kd[0] != g_count || kd[2] != d || !SameShape(v.dimensions(), kd) ||
+      !SameShape(d_o.dimensions(), od) || pd[0] != g_count || pd[1] != t || pd[2] != sp)
     return ffi::Error::InvalidArgument("fpdm_attention_backward: inconsistent shapes");
   if (d % kLanes != 0)
     return ffi::Error::InvalidArgument(
@@ -353,8 +358,7 @@ ffi::Error BackwardKeys(ffi::ThreadPool pool, Heads q, Heads d_o, Heads p, Heads
                         ffi::Result<Heads> dk, ffi::Result<Heads> dv) {
   const auto qd = q.dimensions(), pd = p.dimensions(), kd = dk->dimensions();
   const int64_t g_count = qd[0], t = qd[1], d = qd[2], s = kd[1], sp = pd[2];
-  const auto same = [](auto a, auto b) { return a[0] == b[0] && a[1] == b[1] && a[2] == b[2]; };
-  if (!same(d_o.dimensions(), qd) || !same(ds.dimensions(), pd) || pd[0] != g_count ||
+  if (!SameShape(d_o.dimensions(), qd) || !SameShape(ds.dimensions(), pd) || pd[0] != g_count ||
       pd[1] != t || sp != KeysStride(s) || kd[0] != g_count || kd[2] != d)
     return ffi::Error::InvalidArgument("fpdm_attention_backward_keys: inconsistent shapes");
   if (d % kLanes != 0)
