@@ -1,5 +1,5 @@
 """fpdm_jax/native/, the native forward and kernel gradient of thin
-convolutions: what ``lax.conv_general_dilated`` and its autodiff give (to
+convolutions and the native Winograd convolution: what ``lax.conv_general_dilated`` and its autodiff give (to
 float32 summation order) for every build this CPU can run, the same bits on
 every call, taken by the model convolution exactly where they are meant to
 be, and still there when a step is loaded from JAX's persistent compilation
@@ -18,7 +18,7 @@ import pytest
 from jax import lax
 
 from fpdm_jax.models import convolution, dense, native
-from fpdm_jax.models import native_conv
+from fpdm_jax.models import native_conv, winograd
 from tests import native_fixture
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -167,6 +167,91 @@ def test_rejects_what_they_cannot_compute():
   with pytest.raises(ValueError, match="float32"):
     native_conv.forward(x.astype(jnp.bfloat16), jnp.ones((3, 3, 3, 8)), (4, 4), (1, 1),
                    ((1, 1), (1, 1)))
+
+
+def _winograd_calls(f, *args, argnums=0) -> int:
+  jaxpr = str(jax.make_jaxpr(jax.grad(f, argnums=argnums))(*args))
+  return len(re.findall(r"target_name=fpdm_native\w*_winograd_forward\n", jaxpr))
+
+
+# (batch, (height, width), C_in, C_out, padding). Input vectors of 16 and 8
+# channels (24), output blocks of 64, 32, 16 and 8 (40); odd output sizes
+# (half tiles); padding 0-2 on one side; 480 tiles in 3 chunks.
+WINOGRAD_CASES = [
+    (2, (7, 9), 16, 24, ((1, 1), (1, 1))),
+    (1, (8, 8), 16, 16, ((2, 0), (0, 2))),
+    (3, (5, 6), 32, 64, ((0, 0), (1, 1))),
+    (2, (8, 8), 256, 128, ((1, 1), (1, 1))),
+    (4, (24, 20), 16, 96, ((1, 1), (1, 1))),
+    (2, (6, 5), 24, 40, ((1, 1), (1, 1))),
+]
+
+
+@pytest.mark.parametrize("build", BUILDS, ids=_build_id)
+@pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: f"b{c[0]}-{c[2]}to{c[3]}-{c[4]}")
+def test_winograd_forward_and_input_gradient_match_lax(build, case, monkeypatch):
+  """Against lax at precision highest, to 2e-5 of the largest value
+  (Winograd's transforms add a few float32 roundings: measured 3e-7-2e-6)."""
+  monkeypatch.setattr(native, "library", lambda: build)
+  b, size, cin, cout, padding = case
+  rng = np.random.default_rng(cin * 100 + cout + 2)
+  x = jnp.asarray(rng.normal(size=(b, *size, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)), jnp.float32)
+  conv = lambda x: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC,  # noqa: E731
+                                            precision="highest")
+  want, vjp = jax.vjp(conv, x)
+  call = jax.jit(lambda x, w: native_conv.winograd_forward(
+      x, winograd.kernel_transform(w), want.shape[1:3], padding))
+  assert f"target_name={native.target_prefix()}_winograd_forward\n" in str(
+      jax.make_jaxpr(call)(x, w))
+  got = call(x, w)
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()))
+  np.testing.assert_array_equal(call(x, w), got)  # chunks are independent: same bits
+  dy = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  (want_dx,) = vjp(dy)
+  got_dx = jax.jit(lambda dy, w: native_conv.winograd_input_gradient(dy, w, x.shape, padding))(
+      dy, w)
+  np.testing.assert_allclose(got_dx, want_dx, atol=2e-5 * float(jnp.abs(want_dx).max()))
+
+
+@pytest.mark.parametrize("case", ["512 tiles", "XLA's Winograd shape", "batch 1", "8 channels",
+                                  "stride 2", "switched off"])
+def test_model_conv_takes_winograd_where_it_should(case, monkeypatch):
+  """Forward and input gradient are native Winograd from 512 2x2 tiles
+  (16 channels and more) and where XLA-op Winograd would be used; the kernel
+  gradient stays the native direct one, or XLA-op Winograd's at 256
+  channels. Gradients match lax's either way."""
+  batch, size, cin, cout, stride, taken = 8, 16, 16, 16, 1, True
+  if case == "XLA's Winograd shape":
+    size, cin, cout = 8, 256, 256
+  elif case == "batch 1":
+    batch, taken = 1, False
+  elif case == "8 channels":
+    cin = cout = 8
+    taken = False
+  elif case == "stride 2":
+    stride, taken = 2, False
+  elif case == "switched off":
+    monkeypatch.setenv(native_conv.WINOGRAD_OPT_OUT, "0")
+    taken = False
+  rng = np.random.default_rng(cin)
+  x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
+  pad = ((1, 1), (1, 1))
+
+  def loss(conv, x, w):
+    return jnp.sum(jnp.sin(conv(x, w, (stride, stride), pad, dimension_numbers=NHWC)))
+
+  ours = lambda x, w: loss(convolution.conv_general_dilated, x, w)  # noqa: E731
+  assert _winograd_calls(ours, x, w, argnums=(0, 1)) == (2 if taken else 0)
+  if not taken:
+    return
+  want = jax.grad(loss, argnums=(1, 2))(
+      lambda *a, **k: lax.conv_general_dilated(*a, **k, precision="highest"), x, w)
+  got = jax.jit(jax.grad(ours, argnums=(0, 1)))(x, w)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()))
 
 
 SCRIPT = textwrap.dedent("""

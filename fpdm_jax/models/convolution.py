@@ -46,13 +46,24 @@ And three forwards:
   it is one elementwise loop that XLA fuses with the bias and SiLU after it:
   6 ms (3 -> 16: 35 -> 10 ms). Its gradients stay the convolution's.
 
+- **3x3 stride-1 convolutions with 16+ channels on both sides** (the UNet's
+  and the pose embedding's same-width convs), in a one-device CPU process
+  with the native custom calls built: forward and input gradient as the
+  native Winograd F(2x2, 3x3) (``native_conv.winograd_forward``), 2.25x
+  fewer multiplies with the transforms fused into the matmuls. XLA's and
+  torch's direct convolutions already run at about the machine's matmul
+  rate at these shapes, so fewer multiplies is what is left to win. Only
+  from 512 2x2 output tiles per call (batch x tiles per image): below that
+  the transformed kernel, 16/9 of the kernel, is read for too few tiles,
+  and at batch 1 the medium UNet's step lost 0.85x with it at every size.
+  The kernel gradient keeps the rules above.
 - **Wide 3x3 stride-1 convolutions at a small image size** (a UNet's
-  256-channel 8x8 level at batch 8): Winograd F(2x2, 3x3)
-  (``models.winograd``), 2.25x fewer multiplies in the forward and, through
-  autodiff of the same expression, in both gradients. At these shapes
-  XLA's and torch's direct convolutions both run at about the machine's
-  matmul rate, so fewer multiplies is what is left to win; at larger images
-  or fewer channels the transforms' memory traffic costs more than it saves.
+  256-channel 8x8 level at batch 8): Winograd F(2x2, 3x3) written in XLA
+  ops (``models.winograd``), forward and, through autodiff of the same
+  expression, both gradients. Where the native calls are there, its
+  forward and input gradient are theirs and only its kernel gradient is
+  used. At larger images or fewer channels its transforms' memory traffic
+  costs more than they save.
 
 Every other forward is XLA's, and on GPU/TPU nothing changes: these rules
 are used only when JAX's default backend is the CPU. Like any
@@ -62,7 +73,8 @@ convolutions fails on the CPU (nothing in fpdm_jax uses forward mode);
 ``models.dense``'s kernel-gradient rule with them), for that or to measure
 what they change; ``FPDM_CONV_NATIVE_KERNEL_GRADIENT=0`` and
 ``FPDM_CONV_NATIVE_FORWARD=0`` (forward and input gradient) the native calls
-alone, ``FPDM_CONV_WINOGRAD=0`` the Winograd convolutions alone.
+alone, ``FPDM_CONV_NATIVE_WINOGRAD=0`` the native Winograd alone,
+``FPDM_CONV_WINOGRAD=0`` the XLA-op Winograd alone.
 """
 from __future__ import annotations
 
@@ -110,6 +122,16 @@ _MIN_TAP_SUM_PIXELS = 64 * 64
 # changed the step by 0.99x (benchmarks/README.md, finding 24).
 _MIN_WINOGRAD_CHANNELS = 256
 _MIN_WINOGRAD_PIXELS = 512
+# Native Winograd forwards and input gradients (fpdm_jax/native/winograd.cc)
+# from this many channels on both sides and this many 2x2 output tiles per
+# call, or where XLA-op Winograd applies. Forward alone, batch 8, against
+# what the rules before gave: 256x256, 16 -> 16 10.1 -> 8.0 ms, 64x64,
+# 96 -> 96 15.5 -> 8.7 ms, 16x16, 128 -> 128 1.6 -> 0.9 ms. In the step
+# (benchmarks/README.md, finding 25) medium batch 8 1.05-1.12x; without the
+# tile limit medium batch 1 lost (0.85-0.88x: 8x8 and 16x16 images at batch
+# 1 are 16 and 64 tiles). 8 -> 8 channels stay with the direct native forward.
+_MIN_NATIVE_WINOGRAD_CHANNELS = 16
+_MIN_NATIVE_WINOGRAD_TILES = 512
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -121,9 +143,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                  feature_group_count, batch_group_count, kwargs):
     strides = tuple(window_strides)
     padding = tuple(tuple(p) for p in padding)
-    if _winograd(lhs, rhs, strides):
+    if _winograd(lhs, rhs, strides) and not _native_winograd(lhs, rhs, strides, padding):
       return winograd.conv3x3(lhs, rhs, padding, precision)
-    if (_native_kernel_gradient(lhs, rhs) or _native_forward(lhs, rhs)
+    if (_native_winograd(lhs, rhs, strides, padding)
+        or _native_kernel_gradient(lhs, rhs) or _native_forward(lhs, rhs)
         or _per_tap_kernel_gradient(lhs.shape, rhs.shape)
         or _s2d_input_gradient(rhs.shape, strides)
         or _tap_sum_forward(lhs.shape, rhs.shape, strides, padding)):
@@ -160,6 +183,20 @@ def _native(x, w, max_channels) -> bool:
   return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and kh * kw <= _MAX_TAPS
           and cout % 8 == 0 and min(cin, cout) <= max_channels
           and dense.single_cpu_device())
+
+
+def _native_winograd(x, w, strides, padding) -> bool:
+  """The forward and input gradient as native Winograd: a 3x3 stride-1 conv
+  with top and left padding at most 2 (so the input gradient's is too), both
+  channel counts multiples of 8 and at least _MIN_NATIVE_WINOGRAD_CHANNELS,
+  and enough tiles (or XLA-op Winograd's shape, which it then replaces)."""
+  (top, _), (left, _) = padding
+  cin, cout = w.shape[2:]
+  return (w.shape[:2] == (3, 3) and strides == (1, 1) and top <= 2 and left <= 2
+          and cin % 8 == 0 and min(cin, cout) >= _MIN_NATIVE_WINOGRAD_CHANNELS
+          and (x.shape[0] * -(-x.shape[1] // 2) * -(-x.shape[2] // 2) >= _MIN_NATIVE_WINOGRAD_TILES
+               or _winograd(x, w, strides))
+          and _native(x, w, max(cin, cout)) and native.winograd_available())
 
 
 def _native_kernel_gradient(x, w) -> bool:
@@ -217,6 +254,9 @@ def _plain_conv(x, w, strides, padding, precision):
 
 
 def _forward(x, w, strides, padding, precision):
+  if _native_winograd(x, w, strides, padding):
+    return native.winograd_forward(x, winograd.kernel_transform(w),
+                                   _output_size(x.shape, w.shape, strides, padding), padding)
   if _tap_sum_forward(x.shape, w.shape, strides, padding):
     return tap_sum_conv(x, w, strides, padding)
   if _native_forward(x, w):
@@ -236,7 +276,9 @@ def _conv_fwd(x, w, strides, padding, precision):
 
 def _conv_bwd(strides, padding, precision, residuals, dy):
   x, w = residuals
-  if _native_input_gradient(x, w, strides, padding) and dy.dtype == jnp.float32:
+  if _native_winograd(x, w, strides, padding) and dy.dtype == jnp.float32:
+    dx = native.winograd_input_gradient(dy, w, x.shape, padding)
+  elif _native_input_gradient(x, w, strides, padding) and dy.dtype == jnp.float32:
     dx = native.input_gradient(dy, w, x.shape, padding)
   else:
     if _s2d_input_gradient(w.shape, strides):
@@ -246,6 +288,9 @@ def _conv_bwd(strides, padding, precision, residuals, dy):
     (dx,) = input_vjp(dy)
   if _native_kernel_gradient(x, w) and dy.dtype == jnp.float32:
     dw = native.kernel_gradient(x, dy, w.shape, strides, padding)
+  elif _winograd(x, w, strides):
+    _, kernel_vjp = jax.vjp(lambda w: winograd.conv3x3(x, w, padding, precision), w)
+    (dw,) = kernel_vjp(dy)
   elif _per_tap_kernel_gradient(x.shape, w.shape):
     dw = kernel_gradient(x, dy, w.shape, strides, padding, precision).astype(w.dtype)
   else:

@@ -69,6 +69,7 @@ def library() -> str | None:
 _TARGETS = (
     ("_conv_forward", "FpdmConvForward"),
     ("_conv_kernel_gradient", "FpdmConvKernelGradient"),
+    ("_winograd_forward", "FpdmWinogradForward"),
     ("_attention_forward", "FpdmAttentionForward"),
     ("_attention_forward_p", "FpdmAttentionForwardWithProbabilities"),
     ("_attention_backward_queries", "FpdmAttentionBackwardQueries"),

@@ -11,10 +11,15 @@ transposed kernel), are 1.1-1.9x behind. fpdm_jax/native/ has the loop nests
 oneDNN uses for both, registered with XLA through its FFI and run on XLA's own
 thread pool (findings 21 and 22; ``python -m benchmarks.kernel_gradient``).
 
+The same library has a fused Winograd F(2x2, 3x3) convolution for 3x3
+stride-1 convs with 16+ channels (``winograd_forward``; also their input
+gradient): 2.25x fewer multiplies, where direct convolutions are already at
+the matmul rate (finding 25).
+
 ``models.native`` loads the build this CPU can run; without one the
 convolution keeps XLA's kernels. ``models.convolution`` decides where each is
-used; ``FPDM_CONV_NATIVE_KERNEL_GRADIENT=0`` and ``FPDM_CONV_NATIVE_FORWARD=0``
-turn each off alone, to measure it.
+used; ``FPDM_CONV_NATIVE_KERNEL_GRADIENT=0``, ``FPDM_CONV_NATIVE_FORWARD=0``
+and ``FPDM_CONV_NATIVE_WINOGRAD=0`` turn each off alone, to measure it.
 """
 from __future__ import annotations
 
@@ -23,15 +28,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from fpdm_jax import xla_cpu_flags
-from fpdm_jax.models import native
+from fpdm_jax.models import native, winograd
 
 KERNEL_GRADIENT_OPT_OUT = "FPDM_CONV_NATIVE_KERNEL_GRADIENT"
 FORWARD_OPT_OUT = "FPDM_CONV_NATIVE_FORWARD"
+WINOGRAD_OPT_OUT = "FPDM_CONV_NATIVE_WINOGRAD"
 
 
 def forward_available() -> bool:
   """Whether the native forward is built, loaded and not switched off."""
   return not xla_cpu_flags.opted_out(FORWARD_OPT_OUT) and native.target_prefix() is not None
+
+
+def winograd_available() -> bool:
+  """Whether the native Winograd convolution is built, loaded and not switched off."""
+  return not xla_cpu_flags.opted_out(WINOGRAD_OPT_OUT) and native.target_prefix() is not None
 
 
 def kernel_gradient_available() -> bool:
@@ -92,3 +103,43 @@ def kernel_gradient(x, dy, kernel_shape, strides, padding):
                           jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
                           vmap_method="sequential")
   return call(x, dy, **_attrs(strides, padding))
+
+
+def winograd_forward(x, u, out_size, padding):
+  """The stride-1 NHWC float32 convolution of ``x`` with the 3x3 kernel whose
+  Winograd transform is ``u`` [16, C_in, C_out] (``winograd.kernel_transform``),
+  as F(2x2, 3x3) with the input and output transforms fused with the matmuls
+  (fpdm_jax/native/winograd.cc; ``models.winograd`` has the algorithm).
+  ``padding`` as ``forward``'s, top and left at most 2; C_in and C_out
+  multiples of 8. Call only where ``winograd_available()``."""
+  if x.dtype != jnp.float32 or u.dtype != jnp.float32 or u.shape[0] != 16:
+    raise ValueError(f"native Winograd: float32 input and [16, C_in, C_out] transform only, got "
+                     f"{x.dtype}, {u.dtype} {u.shape}")
+  if x.shape[3] != u.shape[1] or u.shape[1] % 8 or u.shape[2] % 8:
+    raise ValueError(f"native Winograd: input channels {x.shape[3]}, transform {u.shape}: "
+                     "channels must match and be multiples of 8")
+  (top, _), (left, _) = padding
+  out = jax.ShapeDtypeStruct((x.shape[0], *out_size, u.shape[2]), jnp.float32)
+  call = jax.ffi.ffi_call(native.target_prefix() + "_winograd_forward", out,
+                          vmap_method="sequential")
+  return call(x, u, pad_top=np.int64(top), pad_left=np.int64(left))
+
+
+# Winograd's G maps a kernel flipped in space to the transform flipped in its
+# first and last positions: G J = P G, J the 3x3 reversal and P the 4x4
+# permutation swapping 0 and 3. So the flipped kernel's transform is the
+# kernel's own with positions (r, s) -> (P r, P s).
+_FLIP = (3, 1, 2, 0)
+
+
+def winograd_input_gradient(dy, w, x_shape, padding):
+  """``input_gradient`` of a 3x3 stride-1 convolution through
+  ``winograd_forward``. The flipped, transposed kernel's transform is the
+  kernel's own (which XLA shares with the forward) permuted and transposed:
+  transforming the flipped, transposed kernel itself, XLA split the work
+  into 16 strided passes over the kernel, which cost more than the matmuls."""
+  (top, _), (left, _) = padding
+  _, _, cin, cout = w.shape
+  u = winograd.kernel_transform(w).reshape(4, 4, cin, cout)
+  u_t = u[_FLIP, :][:, _FLIP].transpose(0, 1, 3, 2).reshape(16, cout, cin)
+  return winograd_forward(dy, u_t, x_shape[1:3], ((2 - top, 0), (2 - left, 0)))

@@ -59,6 +59,15 @@ def _apply(matrix, xs):
   return out
 
 
+def kernel_transform(w: jax.Array) -> jax.Array:
+  """G g G^T of a 3x3 HWIO kernel ``w``, per input and output channel, as
+  [16, C_in, C_out] (row-major over the transformed 4x4 window)."""
+  if w.shape[:2] != (3, 3):
+    raise ValueError(f"winograd.kernel_transform: a 3x3 kernel only, got {w.shape}")
+  u = jnp.stack([c for r in _apply(_G, list(w)) for c in _apply(_G, list(r))])
+  return u.reshape(16, *w.shape[2:])
+
+
 def conv3x3(x: jax.Array, w: jax.Array, padding, precision=None) -> jax.Array:
   """The stride-1 NHWC x HWIO convolution of ``x`` [B, H, W, C_in] with a 3x3
   kernel ``w`` [3, 3, C_in, C_out] and explicit ``padding`` ((top, bottom),
@@ -82,9 +91,7 @@ def conv3x3(x: jax.Array, w: jax.Array, padding, precision=None) -> jax.Array:
                  for c in _apply(_BT, [lax.slice_in_dim(r, k, k + 2 * tw - 1, stride=2, axis=2)
                                        for k in range(4)])])
   v = v.reshape(16, b * th * tw, cin)
-  u = jnp.stack([c for r in _apply(_G, list(w)) for c in _apply(_G, list(r))])
-  u = u.reshape(16, cin, cout)
-  m = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))),  # [16, tiles, C_out]
+  m = lax.dot_general(v, kernel_transform(w), (((2,), (1,)), ((0,), (0,))),  # [16, tiles, C_out]
                       precision=precision)
   m = m.reshape(4, 4, b, th, tw, cout)
   y = [_apply(_AT, list(mk)) for mk in _apply(_AT, list(m))]  # y[a][c]: [B, th, tw, C_out]

@@ -1,0 +1,243 @@
+// A 3x3 stride-1 NHWC convolution as Winograd F(2x2, 3x3), fused, as an
+// XLA:CPU FFI custom call (fpdm_jax/models/native_conv.py and
+// models/convolution.py say when it is used, and why; models/winograd.py
+// has the algorithm and the same computation written in XLA ops).
+//
+//   y = A^T [ sum_c U[:, :, c, :] * (B^T d_c B) ] A    per 2x2 output tile
+//
+// U = G W G^T is the transformed kernel, [16, C_in, C_out], computed by XLA:
+// it does not depend on the activations, so XLA can run it alongside other
+// work (computed here, on the convolution's critical path, the medium
+// batch-8 step gained 1.06x instead of 1.12x, one run each). What XLA cannot do is keep the transformed input and the matmul's result out of memory:
+// written in XLA ops, both are 4x the size of the image they come from, and
+// at 16x16 and larger images moving them costs more than the 2.25x fewer
+// multiplies save (benchmarks/README.md, finding 24). Here a chunk of tiles
+// (any consecutive tiles of the batch, so small images still give long
+// chunks) is transformed into a scratch buffer that stays in L2, the 16
+// [tiles, C_in] x [C_in, C_out] products run from it with a block of tiles x
+// output channels in vector registers (as conv_forward.cc's direct
+// convolution), and the output transform writes the chunk's pixels.
+//
+// Chunks are independent and sum nothing across threads, so the bits do not
+// depend on the thread count.
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using namespace fpdm_native;  // NOLINT: this file's own helpers
+
+using Image = ffi::Buffer<ffi::F32, 4>;
+using Kernel = ffi::Buffer<ffi::F32, 3>;  // U [16, cin, cout]
+
+struct Problem {  // x [batch, height, width, cin], U [16, cin, cout], y [batch, out_h, out_w, cout]
+  const float* x;
+  const float* u;
+  float* y;
+  int64_t height, width, cin;
+  int64_t out_h, out_w, cout;
+  int64_t pt, pl;
+  int64_t tiles_h, tiles_w;  // 2x2 output tiles per image, down and across
+};
+
+// v[k][t][c] (k = 4 r + s the transformed window position) = (B^T d B)[r][s]
+// for the chunk's tiles t, with d the tile's 4x4 input window (zero outside
+// the image).
+template <typename V>
+void InputTransform(const Problem& q, int64_t first, int64_t count, float* v) {
+  constexpr int kLanes = sizeof(V) / sizeof(float);
+  const int64_t per_image = q.tiles_h * q.tiles_w, cin = q.cin, stride = count * cin;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t tile = first + t, b = tile / per_image;
+    const int64_t ty = tile % per_image / q.tiles_w, tx = tile % q.tiles_w;
+    const int64_t y0 = 2 * ty - q.pt, x0 = 2 * tx - q.pl;
+    const float* rows[4];
+    for (int r = 0; r < 4; ++r) {
+      const int64_t yy = y0 + r;
+      rows[r] = yy >= 0 && yy < q.height ? q.x + (b * q.height + yy) * q.width * cin : nullptr;
+    }
+    bool inside[4];
+    for (int s = 0; s < 4; ++s) inside[s] = x0 + s >= 0 && x0 + s < q.width;
+    float* out = v + t * cin;
+    for (int64_t c = 0; c < cin; c += kLanes) {
+      V d[4][4];
+      for (int r = 0; r < 4; ++r)
+        for (int s = 0; s < 4; ++s)
+          d[r][s] = rows[r] && inside[s] ? Load<V>(rows[r] + (x0 + s) * cin + c) : V{};
+      V e[4][4];  // d B: columns
+      for (int r = 0; r < 4; ++r) {
+        e[r][0] = d[r][0] - d[r][2];
+        e[r][1] = d[r][1] + d[r][2];
+        e[r][2] = d[r][2] - d[r][1];
+        e[r][3] = d[r][1] - d[r][3];
+      }
+      for (int s = 0; s < 4; ++s) {  // B^T (d B): rows
+        Store(out + (0 * 4 + s) * stride + c, e[0][s] - e[2][s]);
+        Store(out + (1 * 4 + s) * stride + c, e[1][s] + e[2][s]);
+        Store(out + (2 * 4 + s) * stride + c, e[2][s] - e[1][s]);
+        Store(out + (3 * 4 + s) * stride + c, e[1][s] - e[3][s]);
+      }
+    }
+  }
+}
+
+// m[t][0 .. OB) = sum_c v[t][c] * u[c][0 .. OB) for P tiles, the P x NV
+// accumulators in registers over the input channels.
+template <typename V, int P, int NV>
+void Product(const float* v, const float* u, int64_t cin, int64_t cout, float* m, int64_t ob) {
+  constexpr int kLanes = sizeof(V) / sizeof(float);
+  V a[P][NV];
+  for (int p = 0; p < P; ++p)
+    for (int n = 0; n < NV; ++n) a[p][n] = V{};
+  for (int64_t c = 0; c < cin; ++c) {
+    V w[NV];
+    for (int n = 0; n < NV; ++n) w[n] = Load<V>(u + c * cout + n * kLanes);
+    for (int p = 0; p < P; ++p) {
+      const float x = v[p * cin + c];
+      for (int n = 0; n < NV; ++n) a[p][n] += x * w[n];
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int n = 0; n < NV; ++n) Store(m + p * ob + n * kLanes, a[p][n]);
+}
+
+// Tiles per register block: as many P x NV accumulators as fit in the
+// registers left after NV kernel vectors and one broadcast input value.
+template <typename V, int NV>
+constexpr int kTiles = std::min(16, (kRegisters - 1 - NV) / NV);
+
+// y for the chunk's tiles and output channels [o, o + OB), from
+// m[k][t][0 .. OB): A^T M A per tile, written where it lies inside the output.
+template <typename V, int NV>
+void OutputTransform(const Problem& q, int64_t first, int64_t count, const float* m, int64_t o) {
+  constexpr int kLanes = sizeof(V) / sizeof(float);
+  constexpr int OB = NV * kLanes;
+  const int64_t per_image = q.tiles_h * q.tiles_w, stride = count * OB;
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t tile = first + t, b = tile / per_image;
+    const int64_t ty = tile % per_image / q.tiles_w, tx = tile % q.tiles_w;
+    const int64_t rows = std::min<int64_t>(2, q.out_h - 2 * ty);
+    const int64_t cols = std::min<int64_t>(2, q.out_w - 2 * tx);
+    for (int n = 0; n < NV; ++n) {
+      const float* mt = m + t * OB + n * kLanes;
+      V g[2][4];  // A^T M: rows
+      for (int s = 0; s < 4; ++s) {
+        const V m0 = Load<V>(mt + (0 * 4 + s) * stride), m1 = Load<V>(mt + (1 * 4 + s) * stride);
+        const V m2 = Load<V>(mt + (2 * 4 + s) * stride), m3 = Load<V>(mt + (3 * 4 + s) * stride);
+        g[0][s] = m0 + m1 + m2;
+        g[1][s] = m1 - m2 - m3;
+      }
+      for (int64_t a = 0; a < rows; ++a) {  // (A^T M) A: columns
+        float* out = q.y + ((b * q.out_h + 2 * ty + a) * q.out_w + 2 * tx) * q.cout + o + n * kLanes;
+        Store(out, g[a][0] + g[a][1] + g[a][2]);
+        if (cols > 1) Store(out + q.cout, g[a][1] - g[a][2] - g[a][3]);
+      }
+    }
+  }
+}
+
+// Most tiles per chunk, and the scratch they may take: the transformed
+// input and one output-channel block's products, 16 x tiles x (C_in + OB)
+// floats, kept within about half of a 1 MiB L2.
+constexpr int64_t kMaxChunkTiles = 120;
+constexpr int64_t kScratchFloats = 128 * 1024;
+
+template <typename V, typename VI, int NV>
+void Chunk(const Problem& q, int64_t first, int64_t count) {
+  constexpr int kLanes = sizeof(V) / sizeof(float);
+  constexpr int OB = NV * kLanes;
+  constexpr int P = kTiles<V, NV>;
+  thread_local std::vector<float> scratch;
+  scratch.resize(16 * count * (q.cin + OB));
+  float* v = scratch.data();
+  float* m = v + 16 * count * q.cin;
+  InputTransform<VI>(q, first, count, v);
+  for (int64_t o = 0; o < q.cout; o += OB) {
+    for (int k = 0; k < 16; ++k) {
+      const float* vk = v + k * count * q.cin;
+      const float* uk = q.u + k * q.cin * q.cout + o;
+      float* mk = m + k * count * OB;
+      int64_t t = 0;
+      for (; t + P <= count; t += P)
+        Product<V, P, NV>(vk + t * q.cin, uk, q.cin, q.cout, mk + t * OB, OB);
+      for (; t < count; ++t) Product<V, 1, NV>(vk + t * q.cin, uk, q.cin, q.cout, mk + t * OB, OB);
+    }
+    OutputTransform<V, NV>(q, first, count, m, o);
+  }
+}
+
+using ChunkFn = void (*)(const Problem&, int64_t, int64_t);
+
+struct Blocking {
+  ChunkFn chunk = nullptr;  // nullptr: a channel count is not a multiple of 8
+  int ob = 0;               // output channels per block
+};
+
+template <typename V, typename VI, int NV>
+Blocking Use() {
+  return {Chunk<V, VI, NV>, NV * static_cast<int>(sizeof(V) / sizeof(float))};
+}
+
+// The widest output block that divides C_out.
+template <typename VI>
+Blocking PickFor(int64_t cout) {
+#if defined(__AVX512F__)
+  if (cout % 64 == 0) return Use<V16, VI, 4>();
+  if (cout % 32 == 0) return Use<V16, VI, 2>();
+  if (cout % 16 == 0) return Use<V16, VI, 1>();
+#else
+  if (cout % 32 == 0) return Use<V8, VI, 4>();
+  if (cout % 16 == 0) return Use<V8, VI, 2>();
+#endif
+  if (cout % 8 == 0) return Use<V8, VI, 1>();
+  return {};
+}
+
+// And the widest input vectors that divide C_in (for the input transform).
+Blocking Pick(int64_t cin, int64_t cout) {
+  if (cin % 8) return {};
+#if defined(__AVX512F__)
+  if (cin % 16 == 0) return PickFor<V16>(cout);
+#endif
+  return PickFor<V8>(cout);
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, Image x, Kernel u, ffi::Result<Image> y, int64_t pad_top,
+                   int64_t pad_left) {
+  const auto xd = x.dimensions(), ud = u.dimensions(), yd = y->dimensions();
+  if (xd[0] != yd[0] || ud[0] != 16 || ud[1] != xd[3] || ud[2] != yd[3] || pad_top < 0 ||
+      pad_left < 0 || pad_top > 2 || pad_left > 2)
+    return ffi::Error::InvalidArgument("fpdm_winograd_forward: inconsistent shapes or padding");
+  const Blocking k = Pick(xd[3], yd[3]);
+  if (k.chunk == nullptr)
+    return ffi::Error::InvalidArgument("fpdm_winograd_forward: channels % 8 != 0");
+  const Problem p{x.typed_data(), u.typed_data(), y->typed_data(), xd[1], xd[2], xd[3],
+                  yd[1], yd[2], yd[3], pad_top, pad_left, (yd[1] + 1) / 2, (yd[2] + 1) / 2};
+  const int64_t tiles = xd[0] * p.tiles_h * p.tiles_w;
+  const int64_t per_chunk = std::max<int64_t>(
+      1, std::min(kMaxChunkTiles, kScratchFloats / (16 * (p.cin + k.ob))));
+  const int64_t count = (tiles + per_chunk - 1) / per_chunk;
+  RunChunks(pool, count, tiles * 16 * p.cin * p.cout, [&](int64_t c) {
+    const int64_t first = tiles * c / count, last = tiles * (c + 1) / count;
+    k.chunk(p, first, last - first);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The one exported symbol (the rest is built with -fvisibility=hidden).
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* FpdmWinogradForward(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmWinogradForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Image>()
+                                  .Arg<Kernel>()
+                                  .Ret<Image>()
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
