@@ -4,6 +4,7 @@ float32 summation order) for every build this CPU can run and for the
 portable build other machines get, the same bits on every call, and taken by
 ``models.attention`` exactly where it is meant to be.
 """
+import glob
 import os
 import re
 import shutil
@@ -138,9 +139,10 @@ def portable_build(tmp_path_factory):
   if not shutil.which("g++") or _include_dir() is None:
     pytest.skip("needs g++ and jaxlib's FFI headers")
   out = tmp_path_factory.mktemp("portable") / "_native_portable.so"
-  sources = [os.path.join("fpdm_jax", "native", f)
-             for f in ("conv_forward.cc", "conv_kernel_gradient.cc", "attention.cc")]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # Every source setup.py compiles into the library (block_pool.c is its own).
+  sources = sorted(os.path.relpath(p, root)
+                   for p in glob.glob(os.path.join(root, "fpdm_jax", "native", "*.cc")))
   subprocess.run(["g++", "-std=c++17", "-O2", "-shared", "-fPIC", "-fvisibility=hidden",
                   "-Wno-psabi", "-Wno-attributes", "-w", f"-I{_include_dir()}", *sources,
                   "-o", str(out)], cwd=root, check=True, timeout=300)
