@@ -167,6 +167,12 @@ def test_rejects_what_they_cannot_compute():
   with pytest.raises(ValueError, match="float32"):
     native_conv.forward(x.astype(jnp.bfloat16), jnp.ones((3, 3, 3, 8)), (4, 4), (1, 1),
                    ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="multiples of 8"):
+    native_conv.winograd_forward(jnp.ones((1, 4, 4, 12)), jnp.ones((16, 12, 16)), (4, 4),
+                                 ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="float32"):
+    native_conv.winograd_forward(jnp.ones((1, 4, 4, 8), jnp.bfloat16), jnp.ones((16, 8, 8)),
+                                 (4, 4), ((1, 1), (1, 1)))
 
 
 def _winograd_calls(f, *args, argnums=0) -> int:

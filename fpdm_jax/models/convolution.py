@@ -196,6 +196,7 @@ def _native_winograd(x, w, strides, padding) -> bool:
           and cin % 8 == 0 and min(cin, cout) >= _MIN_NATIVE_WINOGRAD_CHANNELS
           and (x.shape[0] * -(-x.shape[1] // 2) * -(-x.shape[2] // 2) >= _MIN_NATIVE_WINOGRAD_TILES
                or _winograd(x, w, strides))
+          # No thin side needed: max_channels = the wider side.
           and _native(x, w, max(cin, cout)) and native.winograd_available())
 
 

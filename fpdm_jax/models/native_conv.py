@@ -135,7 +135,7 @@ _FLIP = (3, 1, 2, 0)
 def winograd_input_gradient(dy, w, x_shape, padding):
   """``input_gradient`` of a 3x3 stride-1 convolution through
   ``winograd_forward``. The flipped, transposed kernel's transform is the
-  kernel's own (which XLA shares with the forward) permuted and transposed:
+  kernel's own (the forward's expression again) permuted and transposed:
   transforming the flipped, transposed kernel itself, XLA split the work
   into 16 strided passes over the kernel, which cost more than the matmuls."""
   (top, _), (left, _) = padding

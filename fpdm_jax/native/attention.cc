@@ -56,25 +56,11 @@ constexpr int kRows = 6;
 constexpr int64_t kBlockFloats = 48 * 1024;
 constexpr int64_t kMaxBlockRows = 96;
 
-// c[m][n] = sum_k a[m * am + k * ak] * b[k * ldb + n] for kRows rows and NV
-// vectors of columns; each b vector load serves kRows rows. (am, ak) = (lda,
-// 1) reads a row-major a, (1, lda) its transpose.
+// common.h's register tile at this file's vector width and rows.
 template <int NV>
 inline void Tile(const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb,
                  int64_t depth, float* c, int64_t ldc) {
-  Vec acc[kRows][NV];
-  for (int m = 0; m < kRows; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = Vec{};
-  for (int64_t k = 0; k < depth; ++k) {
-    Vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = Load<Vec>(b + k * ldb + v * kLanes);
-    for (int m = 0; m < kRows; ++m) {
-      const float av = a[m * am + k * ak];
-      for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
-    }
-  }
-  for (int m = 0; m < kRows; ++m)
-    for (int v = 0; v < NV; ++v) Store(c + m * ldc + v * kLanes, acc[m][v]);
+  TileProduct<Vec, kRows, NV>(a, am, ak, b, ldb, depth, c, ldc);
 }
 
 // The widths of the column panels, widest first: kWideVectors, 2 and 1

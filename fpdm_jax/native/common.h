@@ -42,6 +42,29 @@ inline void Store(float* p, V v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// c[m][n] = sum_k a[m * am + k * ak] * b[k * ldb + n] for ROWS rows and NV
+// vectors of columns, the ROWS x NV accumulators in registers over k; each
+// b vector load serves ROWS rows. (am, ak) = (lda, 1) reads a row-major a,
+// (1, lda) its transpose. The matmul inside attention.cc and winograd.cc.
+template <typename V, int ROWS, int NV>
+inline void TileProduct(const float* a, int64_t am, int64_t ak, const float* b, int64_t ldb,
+                        int64_t depth, float* c, int64_t ldc) {
+  constexpr int kVecLanes = sizeof(V) / sizeof(float);
+  V acc[ROWS][NV];
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = V{};
+  for (int64_t k = 0; k < depth; ++k) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Load<V>(b + k * ldb + v * kVecLanes);
+    for (int m = 0; m < ROWS; ++m) {
+      const float av = a[m * am + k * ak];
+      for (int v = 0; v < NV; ++v) acc[m][v] += av * bv[v];
+    }
+  }
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < NV; ++v) Store(c + m * ldc + v * kVecLanes, acc[m][v]);
+}
+
 // Below this many multiply-adds (tens of microseconds on one core) waking
 // pool threads costs more than they save: the calling thread runs every
 // chunk itself. The chunks, and so the result, are the same either way.

@@ -15,8 +15,8 @@
 // (any consecutive tiles of the batch, so small images still give long
 // chunks) is transformed into a scratch buffer that stays in L2, the 16
 // [tiles, C_in] x [C_in, C_out] products run from it with a block of tiles x
-// output channels in vector registers (as conv_forward.cc's direct
-// convolution), and the output transform writes the chunk's pixels.
+// output channels in vector registers (common.h's TileProduct, attention.cc's
+// matmul tile too), and the output transform writes the chunk's pixels.
 //
 // Chunks are independent and sum nothing across threads, so the bits do not
 // depend on the thread count.
@@ -84,26 +84,6 @@ void InputTransform(const Problem& q, int64_t first, int64_t count, float* v) {
   }
 }
 
-// m[t][0 .. OB) = sum_c v[t][c] * u[c][0 .. OB) for P tiles, the P x NV
-// accumulators in registers over the input channels.
-template <typename V, int P, int NV>
-void Product(const float* v, const float* u, int64_t cin, int64_t cout, float* m, int64_t ob) {
-  constexpr int kLanes = sizeof(V) / sizeof(float);
-  V a[P][NV];
-  for (int p = 0; p < P; ++p)
-    for (int n = 0; n < NV; ++n) a[p][n] = V{};
-  for (int64_t c = 0; c < cin; ++c) {
-    V w[NV];
-    for (int n = 0; n < NV; ++n) w[n] = Load<V>(u + c * cout + n * kLanes);
-    for (int p = 0; p < P; ++p) {
-      const float x = v[p * cin + c];
-      for (int n = 0; n < NV; ++n) a[p][n] += x * w[n];
-    }
-  }
-  for (int p = 0; p < P; ++p)
-    for (int n = 0; n < NV; ++n) Store(m + p * ob + n * kLanes, a[p][n]);
-}
-
 // Tiles per register block: as many P x NV accumulators as fit in the
 // registers left after NV kernel vectors and one broadcast input value.
 template <typename V, int NV>
@@ -162,8 +142,9 @@ void Chunk(const Problem& q, int64_t first, int64_t count) {
       float* mk = m + k * count * OB;
       int64_t t = 0;
       for (; t + P <= count; t += P)
-        Product<V, P, NV>(vk + t * q.cin, uk, q.cin, q.cout, mk + t * OB, OB);
-      for (; t < count; ++t) Product<V, 1, NV>(vk + t * q.cin, uk, q.cin, q.cout, mk + t * OB, OB);
+        TileProduct<V, P, NV>(vk + t * q.cin, q.cin, 1, uk, q.cout, q.cin, mk + t * OB, OB);
+      for (; t < count; ++t)
+        TileProduct<V, 1, NV>(vk + t * q.cin, q.cin, 1, uk, q.cout, q.cin, mk + t * OB, OB);
     }
     OutputTransform<V, NV>(q, first, count, m, o);
   }
