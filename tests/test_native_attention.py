@@ -150,7 +150,7 @@ def portable_build(tmp_path_factory):
 
 
 def test_portable_build_matches_xla(portable_build, monkeypatch):
-  """Attention and a native convolution through the portable build."""
+  """Attention and the native convolutions through the portable build."""
   monkeypatch.setattr(native, "library", lambda: portable_build)
   assert native.target_prefix() == "fpdm_native_portable"
   q, k, v, do = _operands(2, 40, 24, 32)
@@ -175,3 +175,10 @@ def test_portable_build_matches_xla(portable_build, monkeypatch):
   want_dw = jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
   _close(jax.jit(lambda x, dy: native_conv.kernel_gradient(x, dy, w.shape, (2, 2), pad))(x, dy),
          want_dw, "conv kernel gradient")
+
+  from fpdm_jax.models import winograd
+  conv1 = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pad,  # noqa: E731
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y1 = conv1(x, w)
+  _close(jax.jit(lambda x, w: native_conv.winograd_forward(
+      x, winograd.kernel_transform(w), y1.shape[1:3], pad))(x, w), y1, "Winograd forward")

@@ -8,7 +8,10 @@
 // U = G W G^T is the transformed kernel, [16, C_in, C_out], computed by XLA:
 // it does not depend on the activations, so XLA can run it alongside other
 // work (computed here, on the convolution's critical path, the medium
-// batch-8 step gained 1.06x instead of 1.12x, one run each). What XLA cannot do is keep the transformed input and the matmul's result out of memory:
+// batch-8 step gained 1.06x instead of 1.12x, one run each; as a custom call
+// of its own, 3x faster than XLA's alone, the step ran 0.95x: finding 25).
+// What XLA cannot do is keep the transformed input and the matmul's result
+// out of memory:
 // written in XLA ops, both are 4x the size of the image they come from, and
 // at 16x16 and larger images moving them costs more than the 2.25x fewer
 // multiplies save (benchmarks/README.md, finding 24). Here a chunk of tiles
@@ -43,13 +46,22 @@ struct Problem {  // x [batch, height, width, cin], U [16, cin, cout], y [batch,
   int64_t tiles_h, tiles_w;  // 2x2 output tiles per image, down and across
 };
 
-// v[k][t][c] (k = 4 r + s the transformed window position) = (B^T d B)[r][s]
-// for the chunk's tiles t, with d the tile's 4x4 input window (zero outside
-// the image).
+// The distance between consecutive window positions' rows in the scratch: a
+// whole, odd number of cache lines, so the 16 positions of a tile fall in 16
+// different L1 sets. At the power-of-two distances that chunks of 64 tiles x
+// 64 channels and the like give, all 16 fell in one: single-threaded, the
+// transforms took 3.5x as long at 8x32x32x64 (the whole call 1.2x), 1.05-1.4x
+// at 16-128 channels.
+inline int64_t PositionStride(int64_t floats) { return 16 * ((floats + 15) / 16 | 1); }
+
+// v[k][t][c] (k = 4 r + s the transformed window position, the k rows
+// PositionStride(count * cin) apart) = (B^T d B)[r][s] for the chunk's tiles
+// t, with d the tile's 4x4 input window (zero outside the image).
 template <typename V>
 void InputTransform(const Problem& q, int64_t first, int64_t count, float* v) {
   constexpr int kLanes = sizeof(V) / sizeof(float);
-  const int64_t per_image = q.tiles_h * q.tiles_w, cin = q.cin, stride = count * cin;
+  const int64_t per_image = q.tiles_h * q.tiles_w, cin = q.cin;
+  const int64_t stride = PositionStride(count * cin);
   for (int64_t t = 0; t < count; ++t) {
     const int64_t tile = first + t, b = tile / per_image;
     const int64_t ty = tile % per_image / q.tiles_w, tx = tile % q.tiles_w;
@@ -95,7 +107,7 @@ template <typename V, int NV>
 void OutputTransform(const Problem& q, int64_t first, int64_t count, const float* m, int64_t o) {
   constexpr int kLanes = sizeof(V) / sizeof(float);
   constexpr int OB = NV * kLanes;
-  const int64_t per_image = q.tiles_h * q.tiles_w, stride = count * OB;
+  const int64_t per_image = q.tiles_h * q.tiles_w, stride = PositionStride(count * OB);
   for (int64_t t = 0; t < count; ++t) {
     const int64_t tile = first + t, b = tile / per_image;
     const int64_t ty = tile % per_image / q.tiles_w, tx = tile % q.tiles_w;
@@ -130,16 +142,18 @@ void Chunk(const Problem& q, int64_t first, int64_t count) {
   constexpr int kLanes = sizeof(V) / sizeof(float);
   constexpr int OB = NV * kLanes;
   constexpr int P = kTiles<V, NV>;
+  const int64_t vs = PositionStride(count * q.cin), ms = PositionStride(count * OB);
   thread_local std::vector<float> scratch;
-  scratch.resize(16 * count * (q.cin + OB));
-  float* v = scratch.data();
-  float* m = v + 16 * count * q.cin;
+  scratch.resize(16 * (vs + ms) + 15);
+  const uintptr_t past_line = reinterpret_cast<uintptr_t>(scratch.data()) / sizeof(float) % 16;
+  float* v = scratch.data() + (16 - past_line) % 16;  // v and m, and all their rows,
+  float* m = v + 16 * vs;                             // start at cache lines
   InputTransform<VI>(q, first, count, v);
   for (int64_t o = 0; o < q.cout; o += OB) {
     for (int k = 0; k < 16; ++k) {
-      const float* vk = v + k * count * q.cin;
+      const float* vk = v + k * vs;
       const float* uk = q.u + k * q.cin * q.cout + o;
-      float* mk = m + k * count * OB;
+      float* mk = m + k * ms;
       int64_t t = 0;
       for (; t + P <= count; t += P)
         TileProduct<V, P, NV>(vk + t * q.cin, q.cin, 1, uk, q.cout, q.cin, mk + t * OB, OB);
