@@ -166,8 +166,8 @@ def test_portable_build_matches_xla(portable_build, monkeypatch):
   x = jnp.asarray(rng.normal(size=(2, 9, 7, 16)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, 16, 24)), jnp.float32)
   pad = ((1, 1), (1, 1))
-  conv = lambda x, w: lax.conv_general_dilated(x, w, (2, 2), pad,  # noqa: E731
-                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda x, w, strides=(2, 2): lax.conv_general_dilated(  # noqa: E731
+      x, w, strides, pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
   y = conv(x, w)
   _close(jax.jit(lambda x, w: native_conv.forward(x, w, y.shape[1:3], (2, 2), pad))(x, w), y,
          "conv forward")
@@ -177,8 +177,6 @@ def test_portable_build_matches_xla(portable_build, monkeypatch):
          want_dw, "conv kernel gradient")
 
   from fpdm_jax.models import winograd
-  conv1 = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), pad,  # noqa: E731
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  y1 = conv1(x, w)
+  y1 = conv(x, w, (1, 1))
   _close(jax.jit(lambda x, w: native_conv.winograd_forward(
       x, winograd.kernel_transform(w), y1.shape[1:3], pad))(x, w), y1, "Winograd forward")
