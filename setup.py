@@ -33,7 +33,8 @@ def _native(name: str, arch_flags: list[str], include: str) -> Extension:
       f"fpdm_jax.{name}",
       ["fpdm_jax/native/conv_forward.cc", "fpdm_jax/native/conv_kernel_gradient.cc",
        "fpdm_jax/native/winograd.cc", "fpdm_jax/native/attention.cc"],
-      depends=["fpdm_jax/native/common.h", "fpdm_jax/native/thin_conv.h"], include_dirs=[include],
+      depends=["fpdm_jax/native/accumulate.h", "fpdm_jax/native/common.h",
+               "fpdm_jax/native/thin_conv.h"], include_dirs=[include],
       language="c++", optional=True,
       extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden", "-Wno-psabi",
                           "-Wno-attributes", *arch_flags])

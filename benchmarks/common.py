@@ -243,10 +243,20 @@ def _valid(taps: int, out: int, size: int, pad: int, stride: int) -> int:
   return sum(0 <= stride * o + t - pad < size for t in range(taps) for o in range(out))
 
 
+# A native Winograd call: result shape, which call, the two operands' shapes,
+# then the top/left padding (3x3 kernel, stride 1).
+_NATIVE_WINOGRAD_CALL = re.compile(
+    r"= f32\[([\d,]+)\]\S* custom-call\(.*custom_call_target="
+    r"\"fpdm_native\w*_winograd_(forward|kernel_gradient)\", operand_layout_constraints=\{"
+    r"f32\[([\d,]+)\]\S*, f32\[([\d,]+)\].*"
+    r"backend_config=\{pad_left = (\d+) : i64, pad_top = (\d+) : i64\}")
+
+
 def native_conv_flops(hlo_text: str) -> float:
   """2 x the multiply-adds of every ``models.native_conv`` call in an
   optimised HLO module, counting only taps that read inside the image, as
-  XLA's cost analysis counts its own convolutions."""
+  XLA's cost analysis counts its own convolutions. The Winograd calls count
+  as the direct convolution they replace, not their 2.25x fewer multiplies."""
   total = 0.0
   for m in _NATIVE_CALL.finditer(hlo_text):
     kind = m.group(5)
@@ -257,6 +267,14 @@ def native_conv_flops(hlo_text: str) -> float:
     else:  # x [B, H, W, Ci], dy [B, Ho, Wo, Co] -> kernel [kh, kw, Ci, Co]
       (_, h, w, _), (batch, ho, wo, _), (kh, kw, cin, cout) = a, b, r
     total += 2.0 * cin * cout * batch * _valid(kh, ho, h, pt, sh) * _valid(kw, wo, w, pl, sw)
+  for m in _NATIVE_WINOGRAD_CALL.finditer(hlo_text):
+    r, a, b = (tuple(map(int, m.group(i).split(","))) for i in (1, 3, 4))
+    pl, pt = int(m.group(5)), int(m.group(6))
+    if m.group(2) == "forward":  # x [B, H, W, Ci], U [16, Ci, Co] -> y [B, Ho, Wo, Co]
+      (_, h, w, cin), (batch, ho, wo, cout) = a, r
+    else:  # x [B, H, W, Ci], dy [B, Ho, Wo, Co] -> kernel [3, 3, Ci, Co]
+      (_, h, w, cin), (batch, ho, wo, cout) = a, b
+    total += 2.0 * cin * cout * batch * _valid(3, ho, h, pt, 1) * _valid(3, wo, w, pl, 1)
   return total
 
 

@@ -17,8 +17,9 @@ clip-b<batch>) and ``benchmarks.sampling``'s loops (sample-<config>-b<batch>:
 one call = a whole loop of its default steps and guidance).
 Switches: ``FPDM_CONV_NATIVE_KERNEL_GRADIENT`` and ``FPDM_CONV_NATIVE_FORWARD``
 (models.native_conv), ``FPDM_NATIVE_ATTENTION`` (models.native_attention),
-``FPDM_CONV_WINOGRAD`` (models.winograd), ``FPDM_CONV_NATIVE_WINOGRAD``
-(models.native_conv), ``FPDM_CONV_CPU_GRADIENTS``
+``FPDM_CONV_WINOGRAD`` (models.winograd), ``FPDM_CONV_NATIVE_WINOGRAD`` and
+``FPDM_CONV_NATIVE_WINOGRAD_KERNEL_GRADIENT`` (models.native_conv),
+``FPDM_CONV_CPU_GRADIENTS``
 (models.convolution's and models.dense's rules).
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ from benchmarks import common as bc
 
 MODULE = "benchmarks.switch_ab"
 SWITCHES = ("FPDM_CONV_NATIVE_KERNEL_GRADIENT", "FPDM_CONV_NATIVE_FORWARD", "FPDM_NATIVE_ATTENTION",
-            "FPDM_CONV_WINOGRAD", "FPDM_CONV_NATIVE_WINOGRAD", "FPDM_CONV_CPU_GRADIENTS")
+            "FPDM_CONV_WINOGRAD", "FPDM_CONV_NATIVE_WINOGRAD",
+            "FPDM_CONV_NATIVE_WINOGRAD_KERNEL_GRADIENT", "FPDM_CONV_CPU_GRADIENTS")
 
 
 def _builder(case: str):

@@ -111,8 +111,9 @@ def test_model_conv_takes_them_and_matches_lax(stride):
   one stays the space-to-depth rule's."""
   rng = np.random.default_rng(stride)
   for batch in (8, 1):
-    x = jnp.asarray(rng.normal(size=(batch, 12, 12, 16)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(3, 3, 16, 32)) * 0.1, jnp.float32)
+    # 8 input channels: with 16 on both sides the kernel gradient is Winograd's.
+    x = jnp.asarray(rng.normal(size=(batch, 12, 12, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 8, 32)) * 0.1, jnp.float32)
     pad = ((1, 1), (1, 1))
 
     def loss(conv, x, w):
@@ -173,16 +174,20 @@ def test_rejects_what_they_cannot_compute():
   with pytest.raises(ValueError, match="float32"):
     native_conv.winograd_forward(jnp.ones((1, 4, 4, 8), jnp.bfloat16), jnp.ones((16, 8, 8)),
                                  (4, 4), ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="channels % 8"):
+    native_conv.winograd_kernel_gradient(jnp.ones((1, 4, 4, 12)), jnp.ones((1, 4, 4, 16)),
+                                         ((1, 1), (1, 1)))
 
 
-def _winograd_calls(f, *args, argnums=0) -> int:
+def _winograd_calls(f, *args, argnums=0, kind="forward") -> int:
   jaxpr = str(jax.make_jaxpr(jax.grad(f, argnums=argnums))(*args))
-  return len(re.findall(r"target_name=fpdm_native\w*_winograd_forward\n", jaxpr))
+  return len(re.findall(rf"target_name=fpdm_native\w*_winograd_{kind}\n", jaxpr))
 
 
 # (batch, (height, width), C_in, C_out, padding). Input vectors of 16 and 8
 # channels (24), output blocks of 64, 32, 16 and 8 (40); odd output sizes
-# (half tiles); padding 0-2 on one side; 480 tiles in 3 chunks.
+# (half tiles); padding 0-2 on one side; 480 tiles in 3 chunks; the kernel
+# gradient's tile ranges and groups of positions.
 WINOGRAD_CASES = [
     (2, (7, 9), 16, 24, ((1, 1), (1, 1))),
     (1, (8, 8), 16, 16, ((2, 0), (0, 2))),
@@ -190,22 +195,26 @@ WINOGRAD_CASES = [
     (2, (8, 8), 256, 128, ((1, 1), (1, 1))),
     (4, (24, 20), 16, 96, ((1, 1), (1, 1))),
     (2, (6, 5), 24, 40, ((1, 1), (1, 1))),
+    (2, (48, 44), 16, 16, ((1, 1), (1, 1))),  # 1056 tiles: 4 kernel-gradient tile ranges
+    (1, (6, 6), 96, 160, ((1, 1), (1, 1))),   # kernel-gradient positions in 4 groups of 4
+    (1, (5, 4), 256, 256, ((1, 1), (1, 1))),  # and in 16 groups of 1
 ]
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=_build_id)
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: f"b{c[0]}-{c[2]}to{c[3]}-{c[4]}")
-def test_winograd_forward_and_input_gradient_match_lax(build, case, monkeypatch):
-  """Against lax at precision highest, to 2e-5 of the largest value
-  (Winograd's transforms add a few float32 roundings: measured 3e-7-2e-6)."""
+def test_winograd_forward_and_gradients_match_lax(build, case, monkeypatch):
+  """Forward, input gradient and kernel gradient against lax at precision
+  highest, to 2e-5 of the largest value (Winograd's transforms add a few
+  float32 roundings: measured 3e-7-2e-6); the same bits on every call."""
   monkeypatch.setattr(native, "library", lambda: build)
   b, size, cin, cout, padding = case
   rng = np.random.default_rng(cin * 100 + cout + 2)
   x = jnp.asarray(rng.normal(size=(b, *size, cin)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)), jnp.float32)
-  conv = lambda x: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC,  # noqa: E731
-                                            precision="highest")
-  want, vjp = jax.vjp(conv, x)
+  conv = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+      x, w, (1, 1), padding, dimension_numbers=NHWC, precision="highest")
+  want, vjp = jax.vjp(conv, x, w)
   call = jax.jit(lambda x, w: native_conv.winograd_forward(
       x, winograd.kernel_transform(w), want.shape[1:3], padding))
   assert f"target_name={native.target_prefix()}_winograd_forward\n" in str(
@@ -215,32 +224,41 @@ def test_winograd_forward_and_input_gradient_match_lax(build, case, monkeypatch)
   np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()))
   np.testing.assert_array_equal(call(x, w), got)  # chunks are independent: same bits
   dy = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
-  (want_dx,) = vjp(dy)
+  want_dx, want_dw = vjp(dy)
   got_dx = jax.jit(lambda dy, w: native_conv.winograd_input_gradient(dy, w, x.shape, padding))(
       dy, w)
   np.testing.assert_allclose(got_dx, want_dx, atol=2e-5 * float(jnp.abs(want_dx).max()))
+  kernel_gradient = jax.jit(lambda x, dy: native_conv.winograd_kernel_gradient(x, dy, padding))
+  got_dw = kernel_gradient(x, dy)
+  assert got_dw.shape == w.shape and got_dw.dtype == jnp.float32
+  np.testing.assert_allclose(got_dw, want_dw, atol=2e-5 * float(jnp.abs(want_dw).max()))
+  # Partial sums per tile range, summed in order: the same bits.
+  np.testing.assert_array_equal(kernel_gradient(x, dy), got_dw)
 
 
 @pytest.mark.parametrize("case", ["512 tiles", "XLA's Winograd shape", "batch 1", "8 channels",
-                                  "stride 2", "switched off"])
+                                  "stride 2", "switched off", "kernel gradient switched off"])
 def test_model_conv_takes_winograd_where_it_should(case, monkeypatch):
   """Forward and input gradient are native Winograd from 512 2x2 tiles
   (16 channels and more) and where XLA-op Winograd would be used; the kernel
-  gradient stays the native direct one, or XLA-op Winograd's at 256
-  channels. Gradients match lax's either way."""
-  batch, size, cin, cout, stride, taken = 8, 16, 16, 16, 1, True
+  gradient is native Winograd at any number of tiles. Gradients match lax's
+  either way."""
+  batch, size, cin, cout, stride, taken, kernel_gradient_taken = 8, 16, 16, 16, 1, True, True
   if case == "XLA's Winograd shape":
     size, cin, cout = 8, 256, 256
   elif case == "batch 1":
     batch, taken = 1, False
   elif case == "8 channels":
     cin = cout = 8
-    taken = False
+    taken = kernel_gradient_taken = False
   elif case == "stride 2":
-    stride, taken = 2, False
+    stride, taken, kernel_gradient_taken = 2, False, False
   elif case == "switched off":
     monkeypatch.setenv(native_conv.WINOGRAD_OPT_OUT, "0")
-    taken = False
+    taken = kernel_gradient_taken = False
+  elif case == "kernel gradient switched off":
+    monkeypatch.setenv(native_conv.WINOGRAD_KERNEL_GRADIENT_OPT_OUT, "0")
+    kernel_gradient_taken = False
   rng = np.random.default_rng(cin)
   x = jnp.asarray(rng.normal(size=(batch, size, size, cin)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
@@ -251,13 +269,49 @@ def test_model_conv_takes_winograd_where_it_should(case, monkeypatch):
 
   ours = lambda x, w: loss(convolution.conv_general_dilated, x, w)  # noqa: E731
   assert _winograd_calls(ours, x, w, argnums=(0, 1)) == (2 if taken else 0)
-  if not taken:
+  assert (_winograd_calls(ours, x, w, argnums=(0, 1), kind="kernel_gradient")
+          == (1 if kernel_gradient_taken else 0))
+  if not (taken or kernel_gradient_taken):
     return
   want = jax.grad(loss, argnums=(1, 2))(
       lambda *a, **k: lax.conv_general_dilated(*a, **k, precision="highest"), x, w)
   got = jax.jit(jax.grad(ours, argnums=(0, 1)))(x, w)
   for g, r in zip(got, want):
     np.testing.assert_allclose(g, r, atol=2e-5 * float(jnp.abs(r).max()))
+
+
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((2, 0), (0, 2))], ids=["same", "one-sided"])
+def test_benchmarks_count_native_calls_as_xla_counts_the_conv(padding):
+  """The roofline's FLOPs (``benchmarks.common.native_conv_flops``) count
+  each native call, Winograd or direct, as XLA's cost analysis counts the
+  lax convolution or kernel gradient it replaces."""
+  from benchmarks import common
+
+  def xla_flops(f, *args):
+    ca = jax.jit(f).lower(*args).compile().cost_analysis()
+    return float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
+
+  def native_flops(f, *args):
+    return common.native_conv_flops(jax.jit(f).lower(*args).compile().as_text())
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 9, 7, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 16, 24)), jnp.float32)
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)  # noqa: E731
+  y = conv(x, w)
+  dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  forward = xla_flops(conv, x, w)
+  kernel_gradient = xla_flops(lambda x, dy: _lax_kernel_gradient(x, dy, w.shape, (1, 1), padding),
+                              x, dy)
+  assert forward > 0 and kernel_gradient > 0
+  assert native_flops(lambda x, w: native_conv.winograd_forward(
+      x, winograd.kernel_transform(w), y.shape[1:3], padding), x, w) == pytest.approx(forward)
+  assert native_flops(lambda x, w: native_conv.forward(x, w, y.shape[1:3], (1, 1), padding),
+                      x, w) == pytest.approx(forward)
+  assert native_flops(lambda x, dy: native_conv.winograd_kernel_gradient(x, dy, padding),
+                      x, dy) == pytest.approx(kernel_gradient)
+  assert native_flops(lambda x, dy: native_conv.kernel_gradient(x, dy, w.shape, (1, 1), padding),
+                      x, dy) == pytest.approx(kernel_gradient)
 
 
 SCRIPT = textwrap.dedent("""

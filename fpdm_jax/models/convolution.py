@@ -56,14 +56,19 @@ And three forwards:
   from 512 2x2 output tiles per call (batch x tiles per image): below that
   the transformed kernel, 16/9 of the kernel, is read for too few tiles,
   and at batch 1 the medium UNet's step lost 0.85x with it at every size.
-  The kernel gradient keeps the rules above.
+  The kernel gradient of the same convs is native Winograd at any number of
+  tiles (F(3x3, 2x2), ``native_conv.winograd_kernel_gradient``): it reads
+  no transformed kernel, and one call at a time it beat the direct native
+  one, the per-tap matmuls and XLA's by 1.2-3.3x at every UNet and pose
+  embedding shape measured, batch 1 and 8, but one (batch 1, 256x256,
+  16 -> 16: 1.05 against 0.95 ms). Stride-2 and thinner convs keep the
+  rules above.
 - **Wide 3x3 stride-1 convolutions at a small image size** (a UNet's
   256-channel 8x8 level at batch 8): Winograd F(2x2, 3x3) written in XLA
   ops (``models.winograd``), forward and, through autodiff of the same
-  expression, both gradients. Where the native calls are there, its
-  forward and input gradient are theirs and only its kernel gradient is
-  used. At larger images or fewer channels its transforms' memory traffic
-  costs more than they save.
+  expression, both gradients. Where the native calls are there, all three
+  parts are theirs. At larger images or fewer channels its transforms'
+  memory traffic costs more than they save.
 
 Every other forward is XLA's, and on GPU/TPU nothing changes: these rules
 are used only when JAX's default backend is the CPU. Like any
@@ -74,6 +79,7 @@ convolutions fails on the CPU (nothing in fpdm_jax uses forward mode);
 what they change; ``FPDM_CONV_NATIVE_KERNEL_GRADIENT=0`` and
 ``FPDM_CONV_NATIVE_FORWARD=0`` (forward and input gradient) the native calls
 alone, ``FPDM_CONV_NATIVE_WINOGRAD=0`` the native Winograd alone,
+``FPDM_CONV_NATIVE_WINOGRAD_KERNEL_GRADIENT=0`` its kernel gradient alone,
 ``FPDM_CONV_WINOGRAD=0`` the XLA-op Winograd alone.
 """
 from __future__ import annotations
@@ -146,6 +152,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if _winograd(lhs, rhs, strides) and not _native_winograd(lhs, rhs, strides, padding):
       return winograd.conv3x3(lhs, rhs, padding, precision)
     if (_native_winograd(lhs, rhs, strides, padding)
+        or _native_winograd_kernel_gradient(lhs, rhs, strides, padding)
         or _native_kernel_gradient(lhs, rhs) or _native_forward(lhs, rhs)
         or _per_tap_kernel_gradient(lhs.shape, rhs.shape)
         or _s2d_input_gradient(rhs.shape, strides)
@@ -185,19 +192,29 @@ def _native(x, w, max_channels) -> bool:
           and dense.single_cpu_device())
 
 
-def _native_winograd(x, w, strides, padding) -> bool:
-  """The forward and input gradient as native Winograd: a 3x3 stride-1 conv
-  with top and left padding at most 2 (so the input gradient's is too), both
-  channel counts multiples of 8 and at least _MIN_NATIVE_WINOGRAD_CHANNELS,
-  and enough tiles (or XLA-op Winograd's shape, which it then replaces)."""
+def _native_winograd_shape(x, w, strides, padding) -> bool:
+  """What the native Winograd calls compute: a 3x3 stride-1 conv with top and
+  left padding at most 2 (so the input gradient's is too), both channel
+  counts multiples of 8 and at least _MIN_NATIVE_WINOGRAD_CHANNELS."""
   (top, _), (left, _) = padding
   cin, cout = w.shape[2:]
   return (w.shape[:2] == (3, 3) and strides == (1, 1) and top <= 2 and left <= 2
           and cin % 8 == 0 and min(cin, cout) >= _MIN_NATIVE_WINOGRAD_CHANNELS
-          and (x.shape[0] * -(-x.shape[1] // 2) * -(-x.shape[2] // 2) >= _MIN_NATIVE_WINOGRAD_TILES
-               or _winograd(x, w, strides))
           # No thin side needed: max_channels = the wider side.
           and _native(x, w, max(cin, cout)) and native.winograd_available())
+
+
+def _native_winograd(x, w, strides, padding) -> bool:
+  """The forward and input gradient as native Winograd: its shapes, with
+  enough tiles (or XLA-op Winograd's shape, which it then replaces)."""
+  return (_native_winograd_shape(x, w, strides, padding)
+          and (x.shape[0] * -(-x.shape[1] // 2) * -(-x.shape[2] // 2) >= _MIN_NATIVE_WINOGRAD_TILES
+               or _winograd(x, w, strides)))
+
+
+def _native_winograd_kernel_gradient(x, w, strides, padding) -> bool:
+  return (_native_winograd_shape(x, w, strides, padding)
+          and native.winograd_kernel_gradient_available())
 
 
 def _native_kernel_gradient(x, w) -> bool:
@@ -287,7 +304,9 @@ def _conv_bwd(strides, padding, precision, residuals, dy):
     else:
       _, input_vjp = jax.vjp(lambda x: _plain_conv(x, w, strides, padding, precision), x)
     (dx,) = input_vjp(dy)
-  if _native_kernel_gradient(x, w) and dy.dtype == jnp.float32:
+  if _native_winograd_kernel_gradient(x, w, strides, padding) and dy.dtype == jnp.float32:
+    dw = native.winograd_kernel_gradient(x, dy, padding)
+  elif _native_kernel_gradient(x, w) and dy.dtype == jnp.float32:
     dw = native.kernel_gradient(x, dy, w.shape, strides, padding)
   elif _winograd(x, w, strides):
     _, kernel_vjp = jax.vjp(lambda w: winograd.conv3x3(x, w, padding, precision), w)

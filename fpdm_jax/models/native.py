@@ -70,6 +70,7 @@ _TARGETS = (
     ("_conv_forward", "FpdmConvForward"),
     ("_conv_kernel_gradient", "FpdmConvKernelGradient"),
     ("_winograd_forward", "FpdmWinogradForward"),
+    ("_winograd_kernel_gradient", "FpdmWinogradKernelGradient"),
     ("_attention_forward", "FpdmAttentionForward"),
     ("_attention_forward_p", "FpdmAttentionForwardWithProbabilities"),
     ("_attention_backward_queries", "FpdmAttentionBackwardQueries"),

@@ -12,14 +12,16 @@ oneDNN uses for both, registered with XLA through its FFI and run on XLA's own
 thread pool (findings 21 and 22; ``python -m benchmarks.kernel_gradient``).
 
 The same library has a fused Winograd F(2x2, 3x3) convolution for 3x3
-stride-1 convs with 16+ channels (``winograd_forward``; also their input
-gradient): 2.25x fewer multiplies, where direct convolutions are already at
-the matmul rate (finding 25).
+stride-1 convs with 16+ channels (``winograd_forward``, their input
+gradient too, and ``winograd_kernel_gradient``): 2.25x fewer multiplies,
+where direct convolutions are already at the matmul rate (findings 25 and
+26).
 
 ``models.native`` loads the build this CPU can run; without one the
 convolution keeps XLA's kernels. ``models.convolution`` decides where each is
-used; ``FPDM_CONV_NATIVE_KERNEL_GRADIENT=0``, ``FPDM_CONV_NATIVE_FORWARD=0``
-and ``FPDM_CONV_NATIVE_WINOGRAD=0`` turn each off alone, to measure it.
+used; ``FPDM_CONV_NATIVE_KERNEL_GRADIENT=0``, ``FPDM_CONV_NATIVE_FORWARD=0``,
+``FPDM_CONV_NATIVE_WINOGRAD=0`` and ``FPDM_CONV_NATIVE_WINOGRAD_KERNEL_GRADIENT=0``
+(the Winograd kernel gradient alone) turn each off, to measure it.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from fpdm_jax.models import native, winograd
 KERNEL_GRADIENT_OPT_OUT = "FPDM_CONV_NATIVE_KERNEL_GRADIENT"
 FORWARD_OPT_OUT = "FPDM_CONV_NATIVE_FORWARD"
 WINOGRAD_OPT_OUT = "FPDM_CONV_NATIVE_WINOGRAD"
+WINOGRAD_KERNEL_GRADIENT_OPT_OUT = "FPDM_CONV_NATIVE_WINOGRAD_KERNEL_GRADIENT"
 
 
 def forward_available() -> bool:
@@ -43,6 +46,12 @@ def forward_available() -> bool:
 def winograd_available() -> bool:
   """Whether the native Winograd convolution is built, loaded and not switched off."""
   return not xla_cpu_flags.opted_out(WINOGRAD_OPT_OUT) and native.target_prefix() is not None
+
+
+def winograd_kernel_gradient_available() -> bool:
+  """Whether the native Winograd kernel gradient is built, loaded and not
+  switched off (``FPDM_CONV_NATIVE_WINOGRAD=0`` switches it off too)."""
+  return not xla_cpu_flags.opted_out(WINOGRAD_KERNEL_GRADIENT_OPT_OUT) and winograd_available()
 
 
 def kernel_gradient_available() -> bool:
@@ -123,6 +132,23 @@ def winograd_forward(x, u, out_size, padding):
   call = jax.ffi.ffi_call(native.target_prefix() + "_winograd_forward", out,
                           vmap_method="sequential")
   return call(x, u, pad_top=np.int64(top), pad_left=np.int64(left))
+
+
+def winograd_kernel_gradient(x, dy, padding):
+  """``kernel_gradient`` of a 3x3 stride-1 convolution as Winograd F(3x3, 2x2):
+  the forward's input transform, the output gradient's 2x2 tiles transformed
+  and 16 matmuls contracting over the tiles, 2.25x fewer multiply-adds
+  (fpdm_jax/native/winograd.cc). ``padding`` as ``forward``'s, top and left at
+  most 2; C_in and C_out multiples of 8. Call only where
+  ``winograd_available()``."""
+  if x.dtype != jnp.float32 or dy.dtype != jnp.float32 or x.shape[3] % 8 or dy.shape[3] % 8:
+    raise ValueError(f"native Winograd kernel gradient: float32 and channels % 8 == 0 only, "
+                     f"got {x.dtype} {x.shape}, {dy.dtype} {dy.shape}")
+  (top, _), (left, _) = padding
+  out = jax.ShapeDtypeStruct((3, 3, x.shape[3], dy.shape[3]), jnp.float32)
+  call = jax.ffi.ffi_call(native.target_prefix() + "_winograd_kernel_gradient", out,
+                          vmap_method="sequential")
+  return call(x, dy, pad_top=np.int64(top), pad_left=np.int64(left))
 
 
 # Winograd's G maps a kernel flipped in space to the transform flipped in its

@@ -21,11 +21,10 @@
 //   the calling thread takes chunks too and never waits for a task that has
 //   not started, so a busy pool cannot deadlock it.
 #include <algorithm>
-#include <array>
 #include <cstdint>
-#include <utility>
 #include <vector>
 
+#include "accumulate.h"
 #include "thin_conv.h"
 
 namespace {
@@ -35,70 +34,6 @@ using namespace fpdm_native;  // NOLINT: this file's own helpers
 // At most this many row chunks (and partial sums): enough to keep 16 threads
 // busy, few enough that summing the partial kernels costs little.
 constexpr int64_t kMaxChunks = 16;
-// acc[c][o] (rows cout apart) += sum_k xs[k * xstep + c] * d[k * cout + o]
-// for CB input channels and NV vectors of output channels, all held in
-// registers over the k loop.
-template <typename V, int CB, int NV>
-void AccumulateBlock(const float* xs, int64_t xstep, const float* d, int64_t cout, int64_t n,
-                     float* acc) {
-  constexpr int kLanes = sizeof(V) / sizeof(float);
-  V a[CB][NV];
-  for (int c = 0; c < CB; ++c)
-    for (int v = 0; v < NV; ++v) a[c][v] = Load<V>(acc + c * cout + v * kLanes);
-  for (int64_t k = 0; k < n; ++k) {
-    const float* xk = xs + k * xstep;
-    V dk[NV];
-    for (int v = 0; v < NV; ++v) dk[v] = Load<V>(d + k * cout + v * kLanes);
-    for (int c = 0; c < CB; ++c) {
-      const float x = xk[c];
-      for (int v = 0; v < NV; ++v) a[c][v] += x * dk[v];
-    }
-  }
-  for (int c = 0; c < CB; ++c)
-    for (int v = 0; v < NV; ++v) Store(acc + c * cout + v * kLanes, a[c][v]);
-}
-
-using BlockFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*);
-
-// How many input channels a block of NV output vectors takes: as many
-// accumulators as fit in the registers left after NV output-gradient vectors
-// and one broadcast input value.
-template <int NV>
-constexpr int kInputBlock = std::min(16, (kRegisters - 1 - NV) / NV);
-
-// blocks[r - 1] takes r input channels, for r = 1 .. kInputBlock<NV>: the
-// full block, and whatever is left over at the end of the input channels.
-template <typename V, int NV, int... I>
-constexpr std::array<BlockFn, sizeof...(I)> BlockTable(std::integer_sequence<int, I...>) {
-  return {AccumulateBlock<V, I + 1, NV>...};
-}
-
-template <typename V, int NV>
-constexpr auto kBlocks = BlockTable<V, NV>(std::make_integer_sequence<int, kInputBlock<NV>>());
-
-struct Blocking {
-  const BlockFn* blocks = nullptr;  // nullptr: cout is not a multiple of 8
-  int cb = 0, ob = 0;
-};
-
-template <typename V, int NV>
-Blocking Use() {
-  return {kBlocks<V, NV>.data(), kInputBlock<NV>, NV * static_cast<int>(sizeof(V) / 4)};
-}
-
-// The widest output block that divides cout.
-Blocking PickBlocking(int64_t cout) {
-#if defined(__AVX512F__)
-  if (cout % 64 == 0) return Use<V16, 4>();
-  if (cout % 32 == 0) return Use<V16, 2>();
-  if (cout % 16 == 0) return Use<V16, 1>();
-#else
-  if (cout % 32 == 0) return Use<V8, 4>();
-  if (cout % 16 == 0) return Use<V8, 2>();
-#endif
-  if (cout % 8 == 0) return Use<V8, 1>();
-  return {};
-}
 
 struct Problem {
   const float* x;
@@ -106,7 +41,7 @@ struct Problem {
   int64_t height, width, cin;  // x is [batch, height, width, cin]
   int64_t out_h, out_w, cout;  // dy is [batch, out_h, out_w, cout]
   int64_t kh, kw, sh, sw, pt, pl;
-  Blocking blocking;
+  AccumulateBlocking blocking;
 };
 
 // Adds rows [r0, r1) of the batch's output rows into acc ([kh, kw, cin, cout]).
@@ -127,12 +62,7 @@ void AccumulateRows(const Problem& p, int64_t r0, int64_t r1, float* acc) {
         const float* xs = x_row + (p.sw * x0 + j - p.pl) * p.cin;
         const float* d = dy_row + x0 * p.cout;
         float* tap = acc + (i * p.kw + j) * p.cin * p.cout;
-        const Blocking& k = p.blocking;
-        for (int64_t c = 0; c < p.cin; c += k.cb) {
-          const BlockFn fn = k.blocks[std::min<int64_t>(k.cb, p.cin - c) - 1];
-          for (int64_t o = 0; o < p.cout; o += k.ob)
-            fn(xs + c, p.sw * p.cin, d + o, p.cout, x1 - x0, tap + c * p.cout + o);
-        }
+        p.blocking.Run(xs, p.sw * p.cin, d, p.cin, p.cout, x1 - x0, tap);
       }
     }
   }
@@ -143,8 +73,9 @@ ffi::Error KernelGradient(ffi::ThreadPool pool, Image x, Image dy, ffi::Result<I
   const auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
   if (xd[0] != dd[0] || wd[2] != xd[3] || wd[3] != dd[3] || stride_h < 1 || stride_w < 1)
     return ffi::Error::InvalidArgument("fpdm_conv_kernel_gradient: inconsistent shapes");
-  const Problem p{x.typed_data(), dy.typed_data(), xd[1], xd[2], xd[3], dd[1], dd[2], dd[3],
-                  wd[0], wd[1], stride_h, stride_w, pad_top, pad_left, PickBlocking(dd[3])};
+  const Problem p{x.typed_data(), dy.typed_data(), xd[1],    xd[2],    xd[3],
+                  dd[1],         dd[2],          dd[3],    wd[0],    wd[1],
+                  stride_h,      stride_w,       pad_top,  pad_left, PickAccumulateBlocking(dd[3])};
   if (p.blocking.blocks == nullptr)
     return ffi::Error::InvalidArgument("fpdm_conv_kernel_gradient: output channels % 8 != 0");
   const int64_t size = p.kh * p.kw * p.cin * p.cout;  // floats of one partial kernel
