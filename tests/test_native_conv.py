@@ -50,6 +50,7 @@ CASES = [
     (2, (7, 7), 5, 32, 2, 1, ((1, 0), (0, 1))),     # even kernel, uneven padding
     (4, (24, 20), 16, 96, 3, 1, ((1, 1), (1, 1))),  # 96 rows in 16 chunks
     (1, (6, 10), 96, 40, 3, 1, ((2, 0), (0, 2))),   # wide input, padding on one side only
+    (5, (7, 6), 8, 16, 3, 1, ((1, 1), (1, 1))),     # 35 rows: chunks that span two images
 ]
 
 
