@@ -140,7 +140,7 @@ def winograd_kernel_gradient(x, dy, padding):
   and 16 matmuls contracting over the tiles, 2.25x fewer multiply-adds
   (fpdm_jax/native/winograd.cc). ``padding`` as ``forward``'s, top and left at
   most 2; C_in and C_out multiples of 8. Call only where
-  ``winograd_available()``."""
+  ``winograd_kernel_gradient_available()``."""
   if x.dtype != jnp.float32 or dy.dtype != jnp.float32 or x.shape[3] % 8 or dy.shape[3] % 8:
     raise ValueError(f"native Winograd kernel gradient: float32 and channels % 8 == 0 only, "
                      f"got {x.dtype} {x.shape}, {dy.dtype} {dy.shape}")
