@@ -60,6 +60,23 @@ struct Problem {
 // at 16-128 channels.
 inline int64_t PositionStride(int64_t floats) { return 16 * ((floats + 15) / 16 | 1); }
 
+// Where tile `tile` of the batch (tiles numbered across rows, then images) lies.
+struct TilePlace {
+  int64_t b, ty, tx;  // image, tile row, tile column
+};
+inline TilePlace PlaceOf(const Problem& q, int64_t tile) {
+  const int64_t per_image = q.tiles_h * q.tiles_w;
+  return {tile / per_image, tile % per_image / q.tiles_w, tile % q.tiles_w};
+}
+
+// Stores position k's vector at out + (k - k0) * stride + offset if k0 <= k < k1:
+// the transforms compute all 16 positions and keep the ones asked for.
+template <typename V>
+inline void StorePosition(float* out, int k, int k0, int k1, int64_t stride, int64_t offset,
+                          V value) {
+  if (k >= k0 && k < k1) Store(out + (k - k0) * stride + offset, value);
+}
+
 // v[k - k0][t][c] (k = 4 r + s the transformed window position, the rows
 // PositionStride(count * cin) apart) = (B^T d B)[r][s] for the chunk's tiles
 // t and the positions k0 <= k < k1, with d the tile's 4x4 input window (zero
@@ -68,11 +85,10 @@ inline int64_t PositionStride(int64_t floats) { return 16 * ((floats + 15) / 16 
 template <typename V>
 void InputTransform(const Problem& q, int64_t first, int64_t count, int k0, int k1, float* v) {
   constexpr int kLanes = sizeof(V) / sizeof(float);
-  const int64_t per_image = q.tiles_h * q.tiles_w, cin = q.cin;
+  const int64_t cin = q.cin;
   const int64_t stride = PositionStride(count * cin);
   for (int64_t t = 0; t < count; ++t) {
-    const int64_t tile = first + t, b = tile / per_image;
-    const int64_t ty = tile % per_image / q.tiles_w, tx = tile % q.tiles_w;
+    const auto [b, ty, tx] = PlaceOf(q, first + t);
     const int64_t y0 = 2 * ty - q.pt, x0 = 2 * tx - q.pl;
     const float* rows[4];
     for (int r = 0; r < 4; ++r) {
@@ -82,9 +98,6 @@ void InputTransform(const Problem& q, int64_t first, int64_t count, int k0, int 
     bool inside[4];
     for (int s = 0; s < 4; ++s) inside[s] = x0 + s >= 0 && x0 + s < q.width;
     float* out = v + t * cin;
-    const auto put = [&](int k, int64_t c, V value) {
-      if (k >= k0 && k < k1) Store(out + (k - k0) * stride + c, value);
-    };
     for (int64_t c = 0; c < cin; c += kLanes) {
       V d[4][4];
       for (int r = 0; r < 4; ++r)
@@ -98,10 +111,10 @@ void InputTransform(const Problem& q, int64_t first, int64_t count, int k0, int 
         e[r][3] = d[r][1] - d[r][3];
       }
       for (int s = 0; s < 4; ++s) {  // B^T (d B): rows
-        put(0 * 4 + s, c, e[0][s] - e[2][s]);
-        put(1 * 4 + s, c, e[1][s] + e[2][s]);
-        put(2 * 4 + s, c, e[2][s] - e[1][s]);
-        put(3 * 4 + s, c, e[1][s] - e[3][s]);
+        StorePosition(out, 0 * 4 + s, k0, k1, stride, c, e[0][s] - e[2][s]);
+        StorePosition(out, 1 * 4 + s, k0, k1, stride, c, e[1][s] + e[2][s]);
+        StorePosition(out, 2 * 4 + s, k0, k1, stride, c, e[2][s] - e[1][s]);
+        StorePosition(out, 3 * 4 + s, k0, k1, stride, c, e[1][s] - e[3][s]);
       }
     }
   }
@@ -118,10 +131,9 @@ template <typename V, int NV>
 void OutputTransform(const Problem& q, int64_t first, int64_t count, const float* m, int64_t o) {
   constexpr int kLanes = sizeof(V) / sizeof(float);
   constexpr int OB = NV * kLanes;
-  const int64_t per_image = q.tiles_h * q.tiles_w, stride = PositionStride(count * OB);
+  const int64_t stride = PositionStride(count * OB);
   for (int64_t t = 0; t < count; ++t) {
-    const int64_t tile = first + t, b = tile / per_image;
-    const int64_t ty = tile % per_image / q.tiles_w, tx = tile % q.tiles_w;
+    const auto [b, ty, tx] = PlaceOf(q, first + t);
     const int64_t rows = std::min<int64_t>(2, q.out_h - 2 * ty);
     const int64_t cols = std::min<int64_t>(2, q.out_w - 2 * tx);
     for (int n = 0; n < NV; ++n) {
@@ -256,28 +268,24 @@ ffi::Error Forward(ffi::ThreadPool pool, Image x, Kernel u, ffi::Result<Image> y
 template <typename V>
 void GradientTransform(const Problem& q, int64_t first, int64_t count, int k0, int k1, float* z) {
   constexpr int kLanes = sizeof(V) / sizeof(float);
-  const int64_t per_image = q.tiles_h * q.tiles_w, cout = q.cout;
+  const int64_t cout = q.cout;
   const int64_t stride = PositionStride(count * cout);
   for (int64_t t = 0; t < count; ++t) {
-    const int64_t tile = first + t, b = tile / per_image;
-    const int64_t ty = tile % per_image / q.tiles_w, tx = tile % q.tiles_w;
+    const auto [b, ty, tx] = PlaceOf(q, first + t);
     const bool second_row = 2 * ty + 1 < q.out_h, second_col = 2 * tx + 1 < q.out_w;
     const float* g0 = q.dy + ((b * q.out_h + 2 * ty) * q.out_w + 2 * tx) * cout;
     const float* g1 = g0 + q.out_w * cout;
     float* out = z + t * cout;
-    const auto put = [&](int k, int64_t o, V value) {
-      if (k >= k0 && k < k1) Store(out + (k - k0) * stride + o, value);
-    };
     for (int64_t o = 0; o < cout; o += kLanes) {
       const V g00 = Load<V>(g0 + o), g01 = second_col ? Load<V>(g0 + cout + o) : V{};
       const V g10 = second_row ? Load<V>(g1 + o) : V{};
       const V g11 = second_row && second_col ? Load<V>(g1 + cout + o) : V{};
       const V h[4][2] = {{g00, g01}, {g00 + g10, g01 + g11}, {g00 - g10, g01 - g11}, {-g10, -g11}};
       for (int r = 0; r < 4; ++r) {  // (A g) A^T: columns
-        put(r * 4 + 0, o, h[r][0]);
-        put(r * 4 + 1, o, h[r][0] + h[r][1]);
-        put(r * 4 + 2, o, h[r][0] - h[r][1]);
-        put(r * 4 + 3, o, -h[r][1]);
+        StorePosition(out, r * 4 + 0, k0, k1, stride, o, h[r][0]);
+        StorePosition(out, r * 4 + 1, k0, k1, stride, o, h[r][0] + h[r][1]);
+        StorePosition(out, r * 4 + 2, k0, k1, stride, o, h[r][0] - h[r][1]);
+        StorePosition(out, r * 4 + 3, k0, k1, stride, o, -h[r][1]);
       }
     }
   }
