@@ -3,10 +3,11 @@
 - ``fpdm_jax/native/block_pool.c`` becomes ``fpdm_jax/_block_pool*.so``, which
   CPU-only entry points LD_PRELOAD (fpdm_jax/host_memory.py says why).
 - ``fpdm_jax/native/*.cc`` become ``fpdm_jax/_native*.so``, XLA FFI custom
-  calls for thin convolutions and for softmax attention, built for x86-64-v4
-  (AVX-512) and x86-64-v3 (AVX2) on x86 machines and plainly elsewhere
-  (fpdm_jax/models/native.py picks the build the CPU can run;
-  models/native_conv.py and models/native_attention.py say why they exist). It needs XLA's FFI headers, which
+  calls for thin convolutions, softmax attention and the AdamW update, built
+  for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2) on x86 machines and plainly
+  elsewhere (fpdm_jax/models/native.py picks the build the CPU can run;
+  models/native_conv.py, models/native_attention.py and trainers/adamw.py
+  say why they exist). It needs XLA's FFI headers, which
   jaxlib ships; pyproject's build requirements install jaxlib for this.
 
 Both are optional: without a C/C++ compiler (or jaxlib's headers) the
@@ -32,12 +33,15 @@ def _native(name: str, arch_flags: list[str], include: str) -> Extension:
   return Extension(
       f"fpdm_jax.{name}",
       ["fpdm_jax/native/conv_forward.cc", "fpdm_jax/native/conv_kernel_gradient.cc",
-       "fpdm_jax/native/winograd.cc", "fpdm_jax/native/attention.cc"],
+       "fpdm_jax/native/winograd.cc", "fpdm_jax/native/attention.cc",
+       "fpdm_jax/native/adamw.cc"],
       depends=["fpdm_jax/native/accumulate.h", "fpdm_jax/native/common.h",
                "fpdm_jax/native/thin_conv.h"], include_dirs=[include],
       language="c++", optional=True,
-      extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden", "-Wno-psabi",
-                          "-Wno-attributes", *arch_flags])
+      # -fno-math-errno: nothing reads errno, and sqrt becomes an instruction
+      # that loops can vectorise (adamw.cc's update).
+      extra_compile_args=["-std=c++17", "-O3", "-fno-math-errno", "-fvisibility=hidden",
+                          "-Wno-psabi", "-Wno-attributes", *arch_flags])
 
 
 ext_modules = []

@@ -150,7 +150,7 @@ def portable_build(tmp_path_factory):
 
 
 def test_portable_build_matches_xla(portable_build, monkeypatch):
-  """Attention and the native convolutions through the portable build."""
+  """Attention, the native convolutions and AdamW through the portable build."""
   monkeypatch.setattr(native, "library", lambda: portable_build)
   assert native.target_prefix() == "fpdm_native_portable"
   q, k, v, do = _operands(2, 40, 24, 32)
@@ -183,3 +183,18 @@ def test_portable_build_matches_xla(portable_build, monkeypatch):
   dy1 = jnp.asarray(rng.normal(size=y1.shape), jnp.float32)
   _close(jax.jit(lambda x, dy: native_conv.winograd_kernel_gradient(x, dy, pad))(x, dy1),
          jax.vjp(lambda w: conv(x, w, (1, 1)), w)[1](dy1)[0], "Winograd kernel gradient")
+
+  import ml_collections
+
+  from fpdm_jax.trainers import adamw, common
+  tx = common.make_optimizer(ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0,
+      warmup_steps=0, schedule="constant")), num_steps=10)
+  params = {"w": w, "big": jnp.asarray(rng.normal(size=40_000), jnp.float32)}
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  text = jax.jit(tx.apply).lower(grads, tx.init(params), params, jnp.float32(1)).as_text()
+  assert "fpdm_native_portable_adamw" in text
+  got = jax.jit(tx.apply)(grads, tx.init(params), params, jnp.float32(1))[0]
+  want = adamw.apply_optax(tx.chain, grads, tx.init(params), params, jnp.float32(1))[0]
+  for name in params:
+    _close(got[name], want[name], f"AdamW {name}")

@@ -70,6 +70,9 @@ print(json.dumps({"xla_flags": os.environ["XLA_FLAGS"], "losses": losses,
 def _one_device_step(xla_flags: str) -> dict:
   env = {k: v for k, v in os.environ.items() if k != xla_cpu_flags.ENV_OPT_OUT}
   env["XLA_FLAGS"] = xla_flags
+  # optax's update, whose moments XLA copied: the native one (trainers.adamw)
+  # updates them in place in one call, with or without region analysis.
+  env["FPDM_NATIVE_ADAMW"] = "0"
   out = subprocess.run([sys.executable, "-c", _ONE_DEVICE_STEP], env=env, check=True,
                        capture_output=True, text=True, timeout=300).stdout
   return json.loads(out.strip().splitlines()[-1])

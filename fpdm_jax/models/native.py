@@ -1,9 +1,10 @@
 """The native XLA:CPU custom calls in fpdm_jax/native/: which build this CPU
 runs, loaded and registered with XLA once per process.
 
-Two families live in one library, each with its own Python wrappers:
-``models.native_conv`` (thin convolutions' forward and kernel gradient) and
-``models.native_attention`` (softmax attention, forward and backward).
+Three families live in one library, each with its own Python wrappers:
+``models.native_conv`` (convolutions' forwards and gradients),
+``models.native_attention`` (softmax attention, forward and backward) and
+``trainers.adamw`` (the AdamW update).
 setup.py builds the library at install for x86-64-v4 (AVX-512) and x86-64-v3
 (AVX2), or plainly on other Linux machines, as ``fpdm_jax/_native_v4*.so`` and so on;
 ``library()`` picks the best build this CPU can run. Without one (no C++
@@ -75,6 +76,7 @@ _TARGETS = (
     ("_attention_forward_p", "FpdmAttentionForwardWithProbabilities"),
     ("_attention_backward_queries", "FpdmAttentionBackwardQueries"),
     ("_attention_backward_keys", "FpdmAttentionBackwardKeys"),
+    ("_adamw", "FpdmAdamW"),
 )
 
 

@@ -9,6 +9,7 @@ checkpoints without ceremony:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -24,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fpdm_jax import sharding as sharding_lib
+from fpdm_jax.trainers import adamw
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -55,15 +57,11 @@ def make_schedule(optim: ml_collections.ConfigDict, num_steps: int) -> optax.Sch
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> adamw.AdamW:
   if optim.name != "adamw":
     raise ValueError(f"optim.name={optim.name!r}: only adamw is implemented")
-  parts = []
-  if optim.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(optim.grad_clip))
-  parts.append(optax.adamw(make_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2,
-                           eps=optim.eps, weight_decay=optim.weight_decay))
-  return optax.chain(*parts)
+  return adamw.AdamW(make_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                     weight_decay=optim.weight_decay, grad_clip=max(optim.grad_clip, 0.0))
 
 
 # ----------------------------------------------------------------------------
@@ -132,7 +130,8 @@ def pure_params(module: nnx.Module):
 # ----------------------------------------------------------------------------
 # The update.
 
-def init_state(params, tx: optax.GradientTransformation, *, seed: int, ema: bool) -> dict:
+def init_state(params, tx: adamw.AdamW | optax.GradientTransformation, *, seed: int,
+               ema: bool) -> dict:
   return {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
@@ -155,7 +154,7 @@ def micro_batches(batch: dict, k: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
+def make_train_step(loss_fn: Callable, tx: adamw.AdamW | optax.GradientTransformation, *,
                     grad_accum: int = 1, ema_decay: float = 0.0) -> Callable:
   """Builds ``train_step(state, frozen, batch) -> (state, metrics)``.
 
@@ -166,6 +165,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
   counted; the loop decides when too many in a row must stop the run.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  # make_optimizer's AdamW runs its update as one native call where it can.
+  apply_update = (tx.apply if isinstance(tx, adamw.AdamW)
+                  else functools.partial(adamw.apply_optax, tx))
 
   def train_step(state, frozen, batch):
     rng = jax.random.fold_in(state["rng"], state["step"])
@@ -185,14 +187,11 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
           body, zeros, (jnp.arange(grad_accum), micro_batches(batch, grad_accum)))
       loss, metrics, grads = jax.tree.map(lambda x: x / grad_accum, (loss, metrics, grads))
 
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = dict(state)
-    new_state["params"] = keep(new_params, params)
-    new_state["opt_state"] = keep(new_opt, state["opt_state"])
+    # Skipped (parameters and state unchanged) unless loss and norm are finite.
+    new_state["params"], new_state["opt_state"], grad_norm, finite = apply_update(
+        grads, state["opt_state"], params, loss)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     if state["ema"] is not None:
       # Warm-up (as diffusers' EMAModel): a young EMA follows the weights
       # closely instead of averaging in the random initialisation.

@@ -20,7 +20,7 @@ import optax
 from clu import metric_writers, metrics as clu_metrics, parameter_overview, periodic_actions
 
 from fpdm_jax import input_pipeline, sharding
-from fpdm_jax.trainers import common
+from fpdm_jax.trainers import adamw, common
 
 
 def _stage_class(name: str):
@@ -74,7 +74,7 @@ class Setup:
   """Everything about a run that follows from its config, before any data."""
   stage: Any
   model_def: common.ModelDef
-  tx: optax.GradientTransformation
+  tx: adamw.AdamW
   params: Any            # initial trainable parameters (host)
   state_sh: dict         # shardings of the train state
   frozen: Any            # frozen networks' parameters, on the mesh
