@@ -1,8 +1,8 @@
 """The optimiser: optax's AdamW (after an optional global-norm clip), and its
 whole update as one native pass on the CPU.
 
-``AdamW`` is an optax ``GradientTransformation`` (``init``/``update`` are
-optax's chain, and so is the state: checkpoints, shardings and
+``AdamW`` works as an optax ``GradientTransformation`` (``init``/``update``
+are optax's chain's, and so is the state: checkpoints, shardings and
 ``optax.tree_map_params`` see nothing new) that also knows its numbers, so
 ``make_train_step`` can ask it for the whole step with ``apply``: norm,
 clip, moments, weight decay, learning rate, the new parameters, and the
@@ -15,7 +15,7 @@ parameters, where one pass reading parameters, gradients and both moments
 and writing three of them moves 0.55 GB, ~11 ms at this machine's ~50 GB/s.
 fpdm_jax/native/adamw.cc is that pass, over all arrays in one call, in
 place (the update alone: 44 -> 24 ms; the medium UNet's batch-1 train step
-1.05-1.07x, batch 8 unchanged, benchmarks/README.md). The global norm stays
+1.07x, batch 8 unchanged: benchmarks/README.md, finding 27). The global norm stays
 XLA's, whose per-array sums run while the backward pass is still making
 other gradients. Where the call cannot run (no native build, several
 devices, a dtype other than float32, ``FPDM_NATIVE_ADAMW=0``) ``apply`` runs
