@@ -86,12 +86,19 @@ void Update(const Numbers& c, float* __restrict p, const float* __restrict g,
 using UpdateFn = void (*)(const Numbers&, float*, const float*, float*, float*, int64_t);
 
 ffi::Error AdamW(ffi::ThreadPool pool, Scalar loss, Scalar grad_norm, Scalar step_size,
-                 Scalar bc1, Scalar bc2, ffi::RemainingArgs arrays, ffi::RemainingRets updated, float one_minus_b1, float b1, float one_minus_b2,
-                 float b2, float eps, float weight_decay, float max_norm) {
+                 Scalar bc1, Scalar bc2, ffi::RemainingArgs arrays, ffi::RemainingRets updated,
+                 float one_minus_b1, float b1, float one_minus_b2, float b2, float eps,
+                 float weight_decay, float max_norm) {
   if (arrays.size() % 4 || updated.size() * 4 != arrays.size() * 3)
     return ffi::Error::InvalidArgument(
         "fpdm_adamw: expected params, grads, mu, nu in and params, mu, nu out");
   const size_t count = arrays.size() / 4;
+  for (size_t i = 0; i < arrays.size(); ++i)
+    if (!arrays.get<ffi::AnyBuffer>(i).has_value())
+      return ffi::Error::InvalidArgument("fpdm_adamw: an operand is not a buffer");
+  for (size_t i = 0; i < updated.size(); ++i)
+    if (!updated.get<ffi::AnyBuffer>(i).has_value())
+      return ffi::Error::InvalidArgument("fpdm_adamw: a result is not a buffer");
   Arrays a;
   struct Copy {
     const float* from;
