@@ -24,6 +24,7 @@ from flax import nnx, struct
 from fpdm_jax.models import dense
 from fpdm_jax.models.attention import dot_product_attention
 from fpdm_jax.models.dinov2 import activation, interpolate_patch_positions, run_layers
+from fpdm_jax.models.normalization import LayerNorm
 
 Dtype = Any
 
@@ -112,8 +113,8 @@ class CLIPVisionOutput:
 
 def _layer_norm(cfg, dtype, param_dtype, rngs):
   # Two-pass variance, as torch computes it (see dinov2._layer_norm).
-  return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype,
-                       param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
+  return LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype,
+                   param_dtype=param_dtype, rngs=rngs)
 
 
 class CLIPVisionEmbeddings(nnx.Module):

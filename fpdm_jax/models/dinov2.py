@@ -25,6 +25,7 @@ from flax import nnx, struct
 
 from fpdm_jax.models import dense
 from fpdm_jax.models.attention import dot_product_attention
+from fpdm_jax.models.normalization import LayerNorm
 
 Dtype = Any
 
@@ -207,8 +208,9 @@ class Dinov2Output:
 def _layer_norm(cfg, dtype, param_dtype, rngs):
   # Two-pass variance: the one-pass E[x^2]-E[x]^2 loses digits on the large
   # activations of real ViT checkpoints and breaks 1e-4 parity with torch.
-  return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype,
-                       param_dtype=param_dtype, use_fast_variance=False, rngs=rngs)
+  # models/normalization.LayerNorm: nnx's numerics, a faster gradient on CPU.
+  return LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=dtype,
+                   param_dtype=param_dtype, rngs=rngs)
 
 
 class Dinov2PatchEmbeddings(nnx.Module):

@@ -15,6 +15,7 @@ from flax import nnx
 
 from fpdm_jax.models import dense
 from fpdm_jax.models.clip import CLIPVisionConfig, CLIPVisionModelWithProjection
+from fpdm_jax.models.normalization import LayerNorm
 
 
 def _keys(rngs, n):
@@ -97,7 +98,7 @@ class SourceProjection(nnx.Module):
   def __init__(self, in_dim: int = 1024, context_dim: int = 1024, hidden: int = 768, *,
                dropout: float = 0.2, dtype=jnp.float32, rngs: nnx.Rngs):
     self.linear_1 = dense.linear(in_dim, hidden, dtype=dtype, rngs=rngs)
-    self.norm = nnx.LayerNorm(hidden, epsilon=1e-5, dtype=dtype, rngs=rngs)
+    self.norm = LayerNorm(hidden, epsilon=1e-5, dtype=dtype, rngs=rngs)
     self.linear_2 = dense.linear(hidden, context_dim, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
 

@@ -1,4 +1,5 @@
-"""Group normalisation for channel-last activations, as diffusers' ``GroupNorm``.
+"""Group and layer normalisation for channel-last activations, as torch's
+``GroupNorm`` and ``LayerNorm``.
 
 Why not ``nnx.GroupNorm``: it reshapes ``[B, H, W, C]`` to ``[B, H, W, G,
 C/G]`` and reduces over the pixels and the group's few channels at once, with
@@ -25,6 +26,19 @@ which shows in parity tests against PyTorch). Parameters are ``scale`` and
 ``bias`` as nnx's, so checkpoints and importers do not change. Like any
 ``jax.custom_vjp`` it has no forward-mode rule (nothing in fpdm_jax uses
 forward mode).
+
+Why not ``nnx.LayerNorm``: its gradient has four multiply-reduces per call
+(``sum(dy * xhat)`` over the tokens for the scale, and the two per-token sums
+over the channels of the input gradient), and XLA:CPU's YNNPACK fusions of a
+multiply-reduce over ``[1, 1024, 64]`` took 0.3-0.65 ms each in the medium
+UNet's batch-1 step, where a plain reduce of the same array takes 15 us:
+~20 ms of a ~260 ms step for the 15 LayerNorms of its 32x32 and 16x16
+transformers. ``LayerNorm`` below writes the same backward out and computes
+every one of those sums as a matrix-vector product (with a vector of ones),
+which XLA's dot emitters run at memory speed: forward + backward at [1,
+1024, 64] 1.1 ms -> 0.2 ms alone (benchmarks/README.md, finding 28). Its
+dots ask for ``Precision.HIGHEST``, so an accelerator does not round their
+operands to bfloat16 (float32 statistics, as nnx's); the CPU ignores it.
 """
 from __future__ import annotations
 
@@ -33,6 +47,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class GroupNorm(nnx.Module):
@@ -103,7 +119,7 @@ def _group_norm_bwd(groups, eps, res, dy):
   sum_dy = flat_dy.sum(1)
   # As a dot, not (dy * xhat).sum(1): XLA:CPU compiled that multiply-reduce
   # 25-80x slower at batch 1, 256x256, 64 channels (47 vs 1.9 ms).
-  sum_dy_xhat = jnp.einsum("bnc,bnc->bc", flat_dy, xhat)
+  sum_dy_xhat = jnp.einsum("bnc,bnc->bc", flat_dy, xhat, precision=_HIGHEST)
   count = n * (c // groups)
   mean_g = _group_sums(sum_dy * scale, groups) / count
   mean_gx = _group_sums(sum_dy_xhat * scale, groups) / count
@@ -112,3 +128,65 @@ def _group_norm_bwd(groups, eps, res, dy):
 
 
 _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, as torch's ``nn.LayerNorm`` (and nnx's with
+  ``use_fast_variance=False``): the same ``scale`` and ``bias`` parameters."""
+
+  def __init__(self, num_features: int, *, epsilon: float = 1e-5, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    if rngs is not None:
+      # One key per initialiser, as nnx.LayerNorm draws: the layers built
+      # after this one keep the random weights they had with nnx's.
+      rngs.params(), rngs.params()
+    self.num_features, self.epsilon, self.dtype = num_features, epsilon, dtype
+    self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if x.shape[-1] != self.num_features:
+      raise ValueError(f"LayerNorm expects {self.num_features} features on the last axis, "
+                       f"got shape {x.shape}")
+    y = layer_norm(x, self.scale.get_value(), self.bias.get_value(), self.epsilon)
+    return y.astype(self.dtype)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  """``[..., C]`` normalised over ``C``, then ``* scale + bias``; float32 out."""
+  f32 = lambda a: a.astype(jnp.float32)
+  return _layer_norm(f32(x), f32(scale), f32(bias), epsilon)
+
+
+def _mean_last(a: jax.Array) -> jax.Array:
+  """Mean over the last axis as ``[..., 1]``, by a matrix-vector product."""
+  ones = jnp.ones((a.shape[-1], 1), a.dtype)
+  return jnp.matmul(a, ones, precision=_HIGHEST) / a.shape[-1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, eps):
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  centred = x - _mean_last(x)
+  rstd = jax.lax.rsqrt(_mean_last(centred * centred) + eps)
+  xhat = centred * rstd
+  return xhat * scale + bias, (xhat, rstd, scale)
+
+
+def _layer_norm_bwd(eps, res, dy):
+  del eps
+  xhat, rstd, scale = res
+  c = xhat.shape[-1]
+  rows_dy, rows_xhat = dy.reshape(-1, c), xhat.reshape(-1, c)
+  ones = jnp.ones((rows_dy.shape[0],), dy.dtype)
+  d_scale = jnp.einsum("tc,tc->c", rows_dy, rows_xhat, precision=_HIGHEST)
+  d_bias = jnp.matmul(ones, rows_dy, precision=_HIGHEST)
+  g = dy * scale
+  dx = rstd * (g - _mean_last(g) - xhat * _mean_last(g * xhat))
+  return dx, d_scale, d_bias
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
