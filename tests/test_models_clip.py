@@ -215,3 +215,42 @@ def test_wrong_folders_give_clear_errors(vision_folder, tmp_path):
   (tmp_path / "config.json").write_text(ref.config.to_json_string())
   with pytest.raises(ImportMismatchError, match=r"no parameter takes.*extra_head"):
     load_clip_vision(tmp_path)
+
+
+def test_gradients_match_torch(vision_folder):
+  """Stage 1 trains this tower: the gradients of the position table (a sum
+  over the batch, ``clip.add_to_every_row``), the layer norms' scales and a
+  matmul's kernel agree with torch's."""
+  folder, ref = vision_folder
+  model = load_clip_vision(folder)
+  images = _images(batch=3, seed=5)
+  rng = np.random.RandomState(6)
+  w_embeds = rng.randn(3, TINY_VISION["projection_dim"]).astype(np.float32)
+  w_hidden = rng.randn(3, 5, TINY_VISION["hidden_size"]).astype(np.float32)
+
+  def loss(model):
+    out = model(jnp.asarray(images))
+    return (jnp.sum(out.image_embeds * w_embeds)
+            + jnp.sum(jnp.sin(out.last_hidden_state) * w_hidden))
+
+  grads = nnx.grad(loss)(model)["vision_model"]
+  ref.zero_grad()
+  out = ref.vision_model(torch.from_numpy(images).permute(0, 3, 1, 2))
+  t_loss = ((ref.visual_projection(out.pooler_output) * torch.from_numpy(w_embeds)).sum()
+            + (torch.sin(out.last_hidden_state) * torch.from_numpy(w_hidden)).sum())
+  t_loss.backward()
+  tv = ref.vision_model
+  layer = grads["encoder"]["layers"][0]
+  pairs = {
+      "position table": (grads["embeddings"]["position_embedding"],
+                         tv.embeddings.position_embedding.weight.grad),
+      "pre-norm scale": (grads["pre_layernorm"]["scale"], tv.pre_layrnorm.weight.grad),
+      "pre-norm bias": (grads["pre_layernorm"]["bias"], tv.pre_layrnorm.bias.grad),
+      "layer norm 1 scale": (layer["layer_norm1"]["scale"],
+                             tv.encoder.layers[0].layer_norm1.weight.grad),
+      "fc1 kernel": (layer["mlp"]["fc1"]["kernel"],
+                     tv.encoder.layers[0].mlp.fc1.weight.grad.T),
+  }
+  for name, (ours, theirs) in pairs.items():
+    np.testing.assert_allclose(np.asarray(ours[...]), theirs.numpy(), rtol=1e-4, atol=1e-5,
+                               err_msg=name)

@@ -147,7 +147,36 @@ class CLIPVisionEmbeddings(nnx.Module):
     if tuple(grid) != (n, n):
       patch = interpolate_patch_positions(pos[1:], grid).astype(pos.dtype)
       pos = jnp.concatenate([pos[:1], patch], axis=0)
-    return x + pos.astype(x.dtype)[None]
+    return add_to_every_row(x, pos.astype(x.dtype))
+
+
+@jax.custom_vjp
+def add_to_every_row(x: jax.Array, table: jax.Array) -> jax.Array:
+  """``x + table[None]`` for ``x`` of ``[B, *table.shape]``, with the table's
+  gradient, the sum of ``B`` output gradients, as a matrix-vector product.
+
+  Why: XLA:CPU's reduction over a short leading axis with a long kept one is
+  far off memory speed: summing [24, 197, 256] over its first axis (the
+  stage-1 step's position-table gradient, 3 x 8 images) took 7.6 ms alone and
+  10.5 ms in the step, ``ones[24] @ g[24, 50432]`` 0.2 ms (benchmarks/README.md,
+  finding 28). Any backend runs the dot well; ``Precision.HIGHEST`` keeps
+  accelerators from rounding its operands to bfloat16.
+  """
+  return x + table[None]
+
+
+def _add_to_every_row_fwd(x, table):
+  return x + table[None], None
+
+
+def _add_to_every_row_bwd(_, g):
+  rows = g.reshape(g.shape[0], -1)
+  ones = jnp.ones((rows.shape[0],), rows.dtype)
+  total = jnp.matmul(ones, rows, precision=jax.lax.Precision.HIGHEST)
+  return g, total.reshape(g.shape[1:])
+
+
+add_to_every_row.defvjp(_add_to_every_row_fwd, _add_to_every_row_bwd)
 
 
 class CLIPAttention(nnx.Module):
