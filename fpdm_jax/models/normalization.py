@@ -36,7 +36,7 @@ UNet's batch-1 step, where a plain reduce of the same array takes 15 us:
 transformers. ``LayerNorm`` below writes the same backward out and computes
 every one of those sums as a matrix-vector product (with a vector of ones),
 which XLA's dot emitters run at memory speed: forward + backward at [1,
-1024, 64] 1.72 -> 0.62 ms, 2-3.7x at the UNet's shapes (``python -m
+1024, 64] 1.72 -> 0.62 ms, up to 3.7x at the UNet's shapes (``python -m
 benchmarks.layer_norm``; benchmarks/README.md, finding 28). Its
 dots ask for ``Precision.HIGHEST``, so an accelerator does not round their
 operands to bfloat16 (float32 statistics, as nnx's); the CPU ignores it.
