@@ -403,3 +403,60 @@ def case_table_main(module: str, doc: str, run, table, cases, quick_cases, *,
 
 def mib(x: float | None) -> str:
   return "" if x is None else f"{x / 2 ** 20:.0f}"
+
+
+def time_norms(jax_modules: dict, torch_module, x, ct, scale, bias, repeats: int, *,
+               activation=None, torch_activation=None, channels_first: bool = False) -> dict:
+  """One normalisation layer's forward and forward + backward, each JAX module
+  of ``jax_modules`` (name -> nnx module with ``scale``/``bias``) and the torch
+  module, on the same float32 ``x``, output cotangent ``ct`` and parameters,
+  ``activation`` (JAX) / ``torch_activation`` after it; ``channels_first``
+  moves torch's channels to axis 1. Timed in strict alternation
+  (``interleaved``), medians of ``repeats`` calls after 3 warm-up calls, in ms.
+  Returns ``{"forward": {name: ms}, "forward+backward": {...}, "max_rel_diff"}``,
+  the last comparing the first two JAX modules' input gradients.
+  Shared by ``benchmarks.group_norm`` and ``benchmarks.layer_norm``."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  from flax import nnx
+
+  act = activation or (lambda y: y)
+  t_act = torch_activation or (lambda y: y)
+  fwd, both, grads = {}, {}, {}
+  xj, ctj = jnp.asarray(x), jnp.asarray(ct)
+  for name, m in jax_modules.items():
+    m.scale.set_value(jnp.asarray(scale))
+    m.bias.set_value(jnp.asarray(bias))
+    graphdef, params = nnx.split(m)
+    f = lambda p, x, graphdef=graphdef: act(nnx.merge(graphdef, p)(x))
+    jf = jax.jit(f)
+    jb = jax.jit(lambda p, x, ct, f=f: jax.vjp(f, p, x)[1](ct))
+    fwd[name] = lambda jf=jf, p=params: jax.block_until_ready(jf(p, xj))
+    both[name] = lambda jb=jb, p=params: jax.block_until_ready(jb(p, xj, ctj))
+    grads[name] = np.asarray(jb(params, xj, ctj)[1])
+  with torch.no_grad():
+    torch_module.weight.copy_(torch.from_numpy(scale))
+    torch_module.bias.copy_(torch.from_numpy(bias))
+  perm = (0, x.ndim - 1, *range(1, x.ndim - 1)) if channels_first else tuple(range(x.ndim))
+  tx = torch.from_numpy(x.transpose(perm).copy()).requires_grad_(True)
+  tct = torch.from_numpy(ct.transpose(perm).copy())
+
+  def t_fwd():
+    with torch.no_grad():
+      return t_act(torch_module(tx))
+
+  def t_both():
+    torch_module.zero_grad(set_to_none=True)
+    tx.grad = None
+    t_act(torch_module(tx)).backward(tct)
+
+  fwd["torch"], both["torch"] = t_fwd, t_both
+  first, second = list(jax_modules)[:2]
+  row = {"max_rel_diff": float(np.abs(grads[second] - grads[first]).max()
+                               / np.abs(grads[first]).max())}
+  for part, calls in (("forward", fwd), ("forward+backward", both)):
+    times, _ = interleaved(calls, repeats, warmup=3)
+    row[part] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+  return row

@@ -19,7 +19,6 @@ digits). The last column checks that ours computes nnx's input gradient.
 """
 from __future__ import annotations
 
-import statistics
 import sys
 
 from benchmarks import common as bc
@@ -39,8 +38,6 @@ IMPLS = ("nnx", "fpdm", "torch")
 
 
 def run(cases, repeats: int, torch_threads: int) -> list[dict]:
-  import jax
-  import jax.numpy as jnp
   import numpy as np
   import torch
   from flax import nnx
@@ -56,42 +53,8 @@ def run(cases, repeats: int, torch_threads: int) -> list[dict]:
     scale, bias = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
     modules = {"nnx": nnx.LayerNorm(c, epsilon=1e-5, use_fast_variance=False, rngs=nnx.Rngs(0)),
                "fpdm": LayerNorm(c, epsilon=1e-5)}
-    fwd, both, grads = {}, {}, {}
-    xj, ctj = jnp.asarray(x), jnp.asarray(ct)
-    for name, m in modules.items():
-      m.scale.set_value(jnp.asarray(scale))
-      m.bias.set_value(jnp.asarray(bias))
-      graphdef, params = nnx.split(m)
-      f = lambda p, x, graphdef=graphdef: nnx.merge(graphdef, p)(x)
-      jf = jax.jit(f)
-      jb = jax.jit(lambda p, x, ct, f=f: jax.vjp(f, p, x)[1](ct))
-      fwd[name] = lambda jf=jf, p=params: jax.block_until_ready(jf(p, xj))
-      both[name] = lambda jb=jb, p=params: jax.block_until_ready(jb(p, xj, ctj))
-      grads[name] = np.asarray(jb(params, xj, ctj)[1])
-    tm = torch.nn.LayerNorm(c, eps=1e-5)
-    with torch.no_grad():
-      tm.weight.copy_(torch.from_numpy(scale))
-      tm.bias.copy_(torch.from_numpy(bias))
-    tx = torch.from_numpy(x).requires_grad_(True)
-    tct = torch.from_numpy(ct)
-
-    def t_fwd():
-      with torch.no_grad():
-        return tm(tx)
-
-    def t_both():
-      tm.zero_grad(set_to_none=True)
-      tx.grad = None
-      tm(tx).backward(tct)
-
-    fwd["torch"], both["torch"] = t_fwd, t_both
-    row = {"case": [label, b, t, c],
-           "max_rel_diff": float(np.abs(grads["fpdm"] - grads["nnx"]).max()
-                                 / np.abs(grads["nnx"]).max())}
-    for part, calls in (("forward", fwd), ("forward+backward", both)):
-      times, _ = bc.interleaved(calls, repeats, warmup=3)
-      row[part] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    rows.append(row)
+    row = bc.time_norms(modules, torch.nn.LayerNorm(c, eps=1e-5), x, ct, scale, bias, repeats)
+    rows.append({"case": [label, b, t, c], **row})
     print(f"[{len(rows)}/{len(cases)}] {label}", file=sys.stderr, flush=True)
   return rows
 
