@@ -3,7 +3,7 @@
 - ``fpdm_jax/native/block_pool.c`` becomes ``fpdm_jax/_block_pool*.so``, which
   CPU-only entry points LD_PRELOAD (fpdm_jax/host_memory.py says why).
 - ``fpdm_jax/native/*.cc`` become ``fpdm_jax/_native*.so``, XLA FFI custom
-  calls for thin convolutions, softmax attention and the AdamW update, built
+  calls for thin convolutions, softmax attention, LayerNorm and the AdamW update, built
   for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2) on x86 machines and plainly
   elsewhere (fpdm_jax/models/native.py picks the build the CPU can run;
   models/native_conv.py, models/native_attention.py and trainers/adamw.py
@@ -34,7 +34,7 @@ def _native(name: str, arch_flags: list[str], include: str) -> Extension:
       f"fpdm_jax.{name}",
       ["fpdm_jax/native/conv_forward.cc", "fpdm_jax/native/conv_kernel_gradient.cc",
        "fpdm_jax/native/winograd.cc", "fpdm_jax/native/attention.cc",
-       "fpdm_jax/native/adamw.cc"],
+       "fpdm_jax/native/adamw.cc", "fpdm_jax/native/layer_norm.cc"],
       depends=["fpdm_jax/native/accumulate.h", "fpdm_jax/native/common.h",
                "fpdm_jax/native/thin_conv.h"], include_dirs=[include],
       language="c++", optional=True,

@@ -414,7 +414,8 @@ def time_norms(jax_modules: dict, torch_module, x, ct, scale, bias, repeats: int
   moves torch's channels to axis 1. Timed in strict alternation
   (``interleaved``), medians of ``repeats`` calls after 3 warm-up calls, in ms.
   Returns ``{"forward": {name: ms}, "forward+backward": {...}, "max_rel_diff"}``,
-  the last comparing the first two JAX modules' input gradients.
+  the last the largest relative difference of another JAX module's input
+  gradient from the first's.
   Shared by ``benchmarks.group_norm`` and ``benchmarks.layer_norm``."""
   import jax
   import jax.numpy as jnp
@@ -453,9 +454,9 @@ def time_norms(jax_modules: dict, torch_module, x, ct, scale, bias, repeats: int
     t_act(torch_module(tx)).backward(tct)
 
   fwd["torch"], both["torch"] = t_fwd, t_both
-  first, second = list(jax_modules)[:2]
-  row = {"max_rel_diff": float(np.abs(grads[second] - grads[first]).max()
-                               / np.abs(grads[first]).max())}
+  first, *others = list(jax_modules)
+  row = {"max_rel_diff": max(float(np.abs(grads[o] - grads[first]).max()
+                                   / np.abs(grads[first]).max()) for o in others)}
   for part, calls in (("forward", fwd), ("forward+backward", both)):
     times, _ = interleaved(calls, repeats, warmup=3)
     row[part] = {k: statistics.median(v) * 1e3 for k, v in times.items()}

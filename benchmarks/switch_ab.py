@@ -20,7 +20,8 @@ Switches: ``FPDM_CONV_NATIVE_KERNEL_GRADIENT`` and ``FPDM_CONV_NATIVE_FORWARD``
 ``FPDM_CONV_WINOGRAD`` (models.winograd), ``FPDM_CONV_NATIVE_WINOGRAD`` and
 ``FPDM_CONV_NATIVE_WINOGRAD_KERNEL_GRADIENT`` (models.native_conv),
 ``FPDM_CONV_CPU_GRADIENTS``
-(models.convolution's and models.dense's rules).
+(models.convolution's and models.dense's rules), ``FPDM_NATIVE_ADAMW``
+(trainers.adamw), ``FPDM_NATIVE_LAYER_NORM`` (models.native_layer_norm).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ MODULE = "benchmarks.switch_ab"
 SWITCHES = ("FPDM_CONV_NATIVE_KERNEL_GRADIENT", "FPDM_CONV_NATIVE_FORWARD", "FPDM_NATIVE_ATTENTION",
             "FPDM_CONV_WINOGRAD", "FPDM_CONV_NATIVE_WINOGRAD",
             "FPDM_CONV_NATIVE_WINOGRAD_KERNEL_GRADIENT", "FPDM_CONV_CPU_GRADIENTS",
-            "FPDM_NATIVE_ADAMW")
+            "FPDM_NATIVE_ADAMW", "FPDM_NATIVE_LAYER_NORM")
 
 
 def _builder(case: str):

@@ -77,6 +77,8 @@ _TARGETS = (
     ("_attention_backward_queries", "FpdmAttentionBackwardQueries"),
     ("_attention_backward_keys", "FpdmAttentionBackwardKeys"),
     ("_adamw", "FpdmAdamW"),
+    ("_layer_norm_forward", "FpdmLayerNormForward"),
+    ("_layer_norm_backward", "FpdmLayerNormBackward"),
 )
 
 

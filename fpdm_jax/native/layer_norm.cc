@@ -1,0 +1,192 @@
+// LayerNorm over the last axis, forward and backward, as XLA:CPU FFI custom
+// calls (fpdm_jax/models/normalization.py says when they are used, and why).
+//
+//   forward:  x [R, C], scale [C], bias [C] -> y [R, C], mean [R], rstd [R]
+//   backward: dy [R, C], x [R, C], mean [R], rstd [R], scale [C]
+//             -> dx [R, C], d_scale [C], d_bias [C]
+//
+// Per row, in the order of operations of normalization._layer_norm_fwd/_bwd
+// (two-pass float32 statistics, as torch's nn.LayerNorm):
+//
+//   mean = sum(x) / C, var = sum((x - mean)^2) / C, rstd = 1 / sqrt(var + eps)
+//   xhat = (x - mean) rstd,  y = xhat scale + bias
+//   g = dy scale,  dx = rstd (g - sum(g) / C - xhat sum(g xhat) / C)
+//   d_scale = sum over rows of dy xhat,  d_bias = sum over rows of dy
+//
+// A chunk is a fixed run of rows (RowsPerChunk: it depends on C only), so
+// the backward's per-chunk partial sums of d_scale and d_bias, added in
+// chunk order at the end, give the same bits whichever thread ran a chunk.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using namespace fpdm_native;  // NOLINT: this file's own helpers
+
+using Rows = ffi::Buffer<ffi::F32, 2>;    // [R, C]
+using Vector = ffi::Buffer<ffi::F32, 1>;  // [C] or [R]
+
+// About 16 K floats of x per chunk (a few microseconds of work).
+int64_t RowsPerChunk(int64_t c) { return std::max<int64_t>(1, (int64_t{1} << 14) / c); }
+
+inline float Lanes(V8 v) {
+  float s = 0;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+}
+
+// sum_i f(i) for i in [0, n): two vector accumulators over blocks of 16,
+// then the lanes, then the tail. f returns a V8 for (i, vector) and a float
+// for (i, scalar).
+struct AsVector {};
+struct AsScalar {};
+template <typename F>
+inline float Sum(int64_t n, F f) {
+  V8 a0{}, a1{};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a0 += f(i, AsVector{});
+    a1 += f(i + 8, AsVector{});
+  }
+  for (; i + 8 <= n; i += 8) a0 += f(i, AsVector{});
+  float s = Lanes(a0 + a1);
+  for (; i < n; ++i) s += f(i, AsScalar{});
+  return s;
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, Rows x, Vector scale, Vector bias, ffi::Result<Rows> y,
+                   ffi::Result<Vector> mean, ffi::Result<Vector> rstd, float eps) {
+  const auto xd = x.dimensions();
+  const int64_t r = xd[0], c = xd[1];
+  if (scale.dimensions()[0] != c || bias.dimensions()[0] != c || y->dimensions()[0] != r ||
+      y->dimensions()[1] != c || mean->dimensions()[0] != r || rstd->dimensions()[0] != r)
+    return ffi::Error::InvalidArgument("fpdm_layer_norm_forward: inconsistent shapes");
+  const float *xp = x.typed_data(), *sp = scale.typed_data(), *bp = bias.typed_data();
+  float *yp = y->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
+  const int64_t per = RowsPerChunk(c), chunks = (r + per - 1) / per;
+  RunChunks(pool, chunks, r * c * 4, [&](int64_t chunk) {
+    for (int64_t row = chunk * per, end = std::min(r, row + per); row < end; ++row) {
+      const float* xr = xp + row * c;
+      float* yr = yp + row * c;
+      const float m = Sum(c, [&](int64_t i, auto kind) {
+                        if constexpr (std::is_same_v<decltype(kind), AsVector>)
+                          return Load<V8>(xr + i);
+                        else
+                          return xr[i];
+                      }) / static_cast<float>(c);
+      const float var = Sum(c, [&](int64_t i, auto kind) {
+                          if constexpr (std::is_same_v<decltype(kind), AsVector>) {
+                            const V8 d = Load<V8>(xr + i) - m;
+                            return d * d;
+                          } else {
+                            const float d = xr[i] - m;
+                            return d * d;
+                          }
+                        }) / static_cast<float>(c);
+      const float s = 1.0f / std::sqrt(var + eps);
+      mp[row] = m;
+      rp[row] = s;
+      for (int64_t i = 0; i < c; ++i) yr[i] = ((xr[i] - m) * s) * sp[i] + bp[i];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, Rows dy, Rows x, Vector mean, Vector rstd,
+                    Vector scale, ffi::Result<Rows> dx, ffi::Result<Vector> d_scale,
+                    ffi::Result<Vector> d_bias) {
+  const auto xd = x.dimensions();
+  const int64_t r = xd[0], c = xd[1];
+  if (dy.dimensions()[0] != r || dy.dimensions()[1] != c || mean.dimensions()[0] != r ||
+      rstd.dimensions()[0] != r || scale.dimensions()[0] != c || dx->dimensions()[0] != r ||
+      dx->dimensions()[1] != c || d_scale->dimensions()[0] != c || d_bias->dimensions()[0] != c)
+    return ffi::Error::InvalidArgument("fpdm_layer_norm_backward: inconsistent shapes");
+  const float *dyp = dy.typed_data(), *xp = x.typed_data(), *mp = mean.typed_data(),
+              *rp = rstd.typed_data(), *sp = scale.typed_data();
+  float* dxp = dx->typed_data();
+  const int64_t per = RowsPerChunk(c), chunks = (r + per - 1) / per;
+  // partial[chunk] = (d_scale, d_bias) over that chunk's rows.
+  std::vector<float> partial(chunks * 2 * c);
+  RunChunks(pool, chunks, r * c * 8, [&](int64_t chunk) {
+    thread_local std::vector<float> xhat, g;
+    xhat.resize(c);
+    g.resize(c);
+    float* ps = partial.data() + chunk * 2 * c;
+    float* pb = ps + c;
+    std::fill(ps, ps + 2 * c, 0.0f);
+    for (int64_t row = chunk * per, end = std::min(r, row + per); row < end; ++row) {
+      const float *dyr = dyp + row * c, *xr = xp + row * c;
+      const float m = mp[row], s = rp[row];
+      float* __restrict xh = xhat.data();
+      float* __restrict gr = g.data();
+      float* __restrict ps_r = ps;
+      float* __restrict pb_r = pb;
+      for (int64_t i = 0; i < c; ++i) {
+        xh[i] = (xr[i] - m) * s;
+        gr[i] = dyr[i] * sp[i];
+        ps_r[i] += dyr[i] * xh[i];
+        pb_r[i] += dyr[i];
+      }
+      const float a = Sum(c, [&](int64_t i, auto kind) {
+                        if constexpr (std::is_same_v<decltype(kind), AsVector>)
+                          return Load<V8>(gr + i);
+                        else
+                          return gr[i];
+                      }) / static_cast<float>(c);
+      const float b = Sum(c, [&](int64_t i, auto kind) {
+                        if constexpr (std::is_same_v<decltype(kind), AsVector>)
+                          return Load<V8>(gr + i) * Load<V8>(xh + i);
+                        else
+                          return gr[i] * xh[i];
+                      }) / static_cast<float>(c);
+      float* dxr = dxp + row * c;
+      for (int64_t i = 0; i < c; ++i) dxr[i] = s * ((gr[i] - a) - xh[i] * b);
+    }
+  });
+  float *dsp = d_scale->typed_data(), *dbp = d_bias->typed_data();
+  std::copy(partial.begin(), partial.begin() + c, dsp);
+  std::copy(partial.begin() + c, partial.begin() + 2 * c, dbp);
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+    const float* ps = partial.data() + chunk * 2 * c;
+    for (int64_t i = 0; i < c; ++i) {
+      dsp[i] += ps[i];
+      dbp[i] += ps[c + i];
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The exported symbols (the rest is built with -fvisibility=hidden).
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* FpdmLayerNormForward(
+    XLA_FFI_CallFrame* call_frame);
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* FpdmLayerNormBackward(
+    XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmLayerNormForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Rows>()
+                                  .Arg<Vector>()
+                                  .Arg<Vector>()
+                                  .Ret<Rows>()
+                                  .Ret<Vector>()
+                                  .Ret<Vector>()
+                                  .Attr<float>("eps"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FpdmLayerNormBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Rows>()
+                                  .Arg<Rows>()
+                                  .Arg<Vector>()
+                                  .Arg<Vector>()
+                                  .Arg<Vector>()
+                                  .Ret<Rows>()
+                                  .Ret<Vector>()
+                                  .Ret<Vector>());
