@@ -112,40 +112,44 @@ ffi::Error Backward(ffi::ThreadPool pool, Rows dy, Rows x, Vector mean, Vector r
   const int64_t per = RowsPerChunk(c), chunks = (r + per - 1) / per;
   // partial[chunk] = (d_scale, d_bias) over that chunk's rows.
   std::vector<float> partial(chunks * 2 * c);
+  const int64_t vectors = c / 8 * 8;  // the rest of a row is the scalar tail
   RunChunks(pool, chunks, r * c * 8, [&](int64_t chunk) {
-    thread_local std::vector<float> xhat, g;
-    xhat.resize(c);
-    g.resize(c);
-    float* ps = partial.data() + chunk * 2 * c;
-    float* pb = ps + c;
+    float* __restrict ps = partial.data() + chunk * 2 * c;
+    float* __restrict pb = ps + c;
     std::fill(ps, ps + 2 * c, 0.0f);
     for (int64_t row = chunk * per, end = std::min(r, row + per); row < end; ++row) {
-      const float *dyr = dyp + row * c, *xr = xp + row * c;
+      const float* __restrict dyr = dyp + row * c;
+      const float* __restrict xr = xp + row * c;
+      float* __restrict dxr = dxp + row * c;
       const float m = mp[row], s = rp[row];
-      float* __restrict xh = xhat.data();
-      float* __restrict gr = g.data();
-      float* __restrict ps_r = ps;
-      float* __restrict pb_r = pb;
-      for (int64_t i = 0; i < c; ++i) {
-        xh[i] = (xr[i] - m) * s;
-        gr[i] = dyr[i] * sp[i];
-        ps_r[i] += dyr[i] * xh[i];
-        pb_r[i] += dyr[i];
+      // One pass for the row's two sums and the chunk's d_scale, d_bias...
+      V8 sum_g{}, sum_gx{};
+      for (int64_t i = 0; i < vectors; i += 8) {
+        const V8 dyv = Load<V8>(dyr + i), xh = (Load<V8>(xr + i) - m) * s;
+        const V8 g = dyv * Load<V8>(sp + i);
+        sum_g += g;
+        sum_gx += g * xh;
+        Store(ps + i, Load<V8>(ps + i) + dyv * xh);
+        Store(pb + i, Load<V8>(pb + i) + dyv);
       }
-      const float a = Sum(c, [&](int64_t i, auto kind) {
-                        if constexpr (std::is_same_v<decltype(kind), AsVector>)
-                          return Load<V8>(gr + i);
-                        else
-                          return gr[i];
-                      }) / static_cast<float>(c);
-      const float b = Sum(c, [&](int64_t i, auto kind) {
-                        if constexpr (std::is_same_v<decltype(kind), AsVector>)
-                          return Load<V8>(gr + i) * Load<V8>(xh + i);
-                        else
-                          return gr[i] * xh[i];
-                      }) / static_cast<float>(c);
-      float* dxr = dxp + row * c;
-      for (int64_t i = 0; i < c; ++i) dxr[i] = s * ((gr[i] - a) - xh[i] * b);
+      float sg = Lanes(sum_g), sgx = Lanes(sum_gx);
+      for (int64_t i = vectors; i < c; ++i) {
+        const float xh = (xr[i] - m) * s, g = dyr[i] * sp[i];
+        sg += g;
+        sgx += g * xh;
+        ps[i] += dyr[i] * xh;
+        pb[i] += dyr[i];
+      }
+      const float a = sg / static_cast<float>(c), b = sgx / static_cast<float>(c);
+      // ...and one for dx, recomputing xhat and g (cheaper than storing them).
+      for (int64_t i = 0; i < vectors; i += 8) {
+        const V8 xh = (Load<V8>(xr + i) - m) * s, g = Load<V8>(dyr + i) * Load<V8>(sp + i);
+        Store(dxr + i, s * ((g - a) - xh * b));
+      }
+      for (int64_t i = vectors; i < c; ++i) {
+        const float xh = (xr[i] - m) * s, g = dyr[i] * sp[i];
+        dxr[i] = s * ((g - a) - xh * b);
+      }
     }
   });
   float *dsp = d_scale->typed_data(), *dbp = d_bias->typed_data();
