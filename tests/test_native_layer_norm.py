@@ -98,6 +98,14 @@ def test_the_module_takes_it_where_it_should(monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_rejects_what_it_cannot_compute():
+def test_rejects_what_it_cannot_compute(monkeypatch):
   with pytest.raises(ValueError, match="float32 only"):
     native_layer_norm.forward(jnp.zeros((2, 8), jnp.bfloat16), jnp.ones(8), jnp.zeros(8), 1e-5)
+  monkeypatch.setattr(native, "library", lambda: None)
+  with pytest.raises(RuntimeError, match="no native build is loaded"):
+    normalization.layer_norm(jnp.zeros((2, 8)), jnp.ones(8), jnp.zeros(8), 1e-5, native=True)
+  # Asked for nothing in particular, it falls back to the XLA ops.
+  np.testing.assert_allclose(
+      normalization.layer_norm(jnp.arange(8.0)[None], jnp.ones(8), jnp.zeros(8), 1e-5),
+      normalization.layer_norm(jnp.arange(8.0)[None], jnp.ones(8), jnp.zeros(8), 1e-5,
+                               native=False), rtol=1e-6)

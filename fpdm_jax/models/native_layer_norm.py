@@ -33,6 +33,9 @@ def available() -> bool:
 
 
 def _check(*arrays):
+  if native.target_prefix() is None:
+    raise RuntimeError("native LayerNorm asked for, but no native build is loaded for this CPU "
+                       "(see setup.py and models/native.py); use native=False")
   for a in arrays:
     if a.dtype != jnp.float32:
       raise ValueError(f"native LayerNorm: float32 only, got {a.dtype} {a.shape}")
