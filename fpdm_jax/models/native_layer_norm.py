@@ -41,18 +41,19 @@ def _check(*arrays):
       raise ValueError(f"native LayerNorm: float32 only, got {a.dtype} {a.shape}")
 
 
+def _call(name: str, result_shapes, *args, **attrs):
+  results = tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in result_shapes)
+  call = jax.ffi.ffi_call(native.target_prefix() + name, results, vmap_method="sequential")
+  return call(*args, **attrs)
+
+
 def forward(x, scale, bias, eps: float):
   """``(y, mean, rstd)`` of LayerNorm over the last axis of ``x`` [R, C]:
   ``y = (x - mean) * rstd * scale + bias``, mean and rstd [R]. Call only where
   ``available()``."""
   _check(x, scale, bias)
   r, c = x.shape
-  call = jax.ffi.ffi_call(
-      native.target_prefix() + "_layer_norm_forward",
-      (jax.ShapeDtypeStruct((r, c), jnp.float32), jax.ShapeDtypeStruct((r,), jnp.float32),
-       jax.ShapeDtypeStruct((r,), jnp.float32)),
-      vmap_method="sequential")
-  return call(x, scale, bias, eps=np.float32(eps))
+  return _call("_layer_norm_forward", ((r, c), (r,), (r,)), x, scale, bias, eps=np.float32(eps))
 
 
 def backward(dy, x, mean, rstd, scale):
@@ -60,9 +61,4 @@ def backward(dy, x, mean, rstd, scale):
   ``forward(x, scale, ...)`` that returned ``mean`` and ``rstd``."""
   _check(dy, x, mean, rstd, scale)
   r, c = x.shape
-  call = jax.ffi.ffi_call(
-      native.target_prefix() + "_layer_norm_backward",
-      (jax.ShapeDtypeStruct((r, c), jnp.float32), jax.ShapeDtypeStruct((c,), jnp.float32),
-       jax.ShapeDtypeStruct((c,), jnp.float32)),
-      vmap_method="sequential")
-  return call(dy, x, mean, rstd, scale)
+  return _call("_layer_norm_backward", ((r, c), (c,), (c,)), dy, x, mean, rstd, scale)

@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -40,25 +39,6 @@ inline float Lanes(V8 v) {
   return s;
 }
 
-// sum_i f(i) for i in [0, n): two vector accumulators over blocks of 16,
-// then the lanes, then the tail. f returns a V8 for (i, vector) and a float
-// for (i, scalar).
-struct AsVector {};
-struct AsScalar {};
-template <typename F>
-inline float Sum(int64_t n, F f) {
-  V8 a0{}, a1{};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    a0 += f(i, AsVector{});
-    a1 += f(i + 8, AsVector{});
-  }
-  for (; i + 8 <= n; i += 8) a0 += f(i, AsVector{});
-  float s = Lanes(a0 + a1);
-  for (; i < n; ++i) s += f(i, AsScalar{});
-  return s;
-}
-
 ffi::Error Forward(ffi::ThreadPool pool, Rows x, Vector scale, Vector bias, ffi::Result<Rows> y,
                    ffi::Result<Vector> mean, ffi::Result<Vector> rstd, float eps) {
   const auto xd = x.dimensions();
@@ -69,26 +49,24 @@ ffi::Error Forward(ffi::ThreadPool pool, Rows x, Vector scale, Vector bias, ffi:
   const float *xp = x.typed_data(), *sp = scale.typed_data(), *bp = bias.typed_data();
   float *yp = y->typed_data(), *mp = mean->typed_data(), *rp = rstd->typed_data();
   const int64_t per = RowsPerChunk(c), chunks = (r + per - 1) / per;
+  const int64_t vectors = c / 8 * 8;  // the rest of a row is the scalar tail
   RunChunks(pool, chunks, r * c * 4, [&](int64_t chunk) {
     for (int64_t row = chunk * per, end = std::min(r, row + per); row < end; ++row) {
-      const float* xr = xp + row * c;
-      float* yr = yp + row * c;
-      const float m = Sum(c, [&](int64_t i, auto kind) {
-                        if constexpr (std::is_same_v<decltype(kind), AsVector>)
-                          return Load<V8>(xr + i);
-                        else
-                          return xr[i];
-                      }) / static_cast<float>(c);
-      const float var = Sum(c, [&](int64_t i, auto kind) {
-                          if constexpr (std::is_same_v<decltype(kind), AsVector>) {
-                            const V8 d = Load<V8>(xr + i) - m;
-                            return d * d;
-                          } else {
-                            const float d = xr[i] - m;
-                            return d * d;
-                          }
-                        }) / static_cast<float>(c);
-      const float s = 1.0f / std::sqrt(var + eps);
+      const float* __restrict xr = xp + row * c;
+      float* __restrict yr = yp + row * c;
+      V8 sum{};
+      for (int64_t i = 0; i < vectors; i += 8) sum += Load<V8>(xr + i);
+      float total = Lanes(sum);
+      for (int64_t i = vectors; i < c; ++i) total += xr[i];
+      const float m = total / static_cast<float>(c);
+      V8 squares{};
+      for (int64_t i = 0; i < vectors; i += 8) {
+        const V8 d = Load<V8>(xr + i) - m;
+        squares += d * d;
+      }
+      float var = Lanes(squares);
+      for (int64_t i = vectors; i < c; ++i) var += (xr[i] - m) * (xr[i] - m);
+      const float s = 1.0f / std::sqrt(var / static_cast<float>(c) + eps);
       mp[row] = m;
       rp[row] = s;
       for (int64_t i = 0; i < c; ++i) yr[i] = ((xr[i] - m) * s) * sp[i] + bp[i];
