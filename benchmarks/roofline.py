@@ -46,11 +46,7 @@ MODULE = "benchmarks.roofline"
 
 
 def matmul_rates(n: int, repeats: int) -> dict:
-  import numpy as np
-  import torch
-  rng = np.random.default_rng(0)
-  ta, tb = (torch.from_numpy(rng.standard_normal((n, n), np.float32)) for _ in range(2))
-  runs = {"jax": _jax_matmul(n), "torch": lambda: torch.matmul(ta, tb)}
+  runs = {"jax": _jax_matmul(n), "torch": _torch_matmul(n)}
   times, _ = bc.interleaved(runs, repeats, warmup=2)
   flops = 2.0 * n ** 3
   return {k: dict(bc.summarize(v), flops_per_s=flops / statistics.median(v))
@@ -157,6 +153,7 @@ def _jax_matmul(n: int):
 
 
 def _torch_matmul(n: int):
+  """torch.matmul of the same size, as a no-argument call."""
   import numpy as np
   import torch
   rng = np.random.default_rng(1)
