@@ -19,6 +19,7 @@ Switches: ``FPDM_CONV_NATIVE_KERNEL_GRADIENT`` and ``FPDM_CONV_NATIVE_FORWARD``
 (models.native_conv), ``FPDM_NATIVE_ATTENTION`` (models.native_attention),
 ``FPDM_CONV_WINOGRAD`` (models.winograd), ``FPDM_CONV_NATIVE_WINOGRAD`` and
 ``FPDM_CONV_NATIVE_WINOGRAD_KERNEL_GRADIENT`` (models.native_conv),
+``FPDM_CONV_NATIVE_WINOGRAD_4X4`` (models.convolution),
 ``FPDM_CONV_CPU_GRADIENTS``
 (models.convolution's and models.dense's rules), ``FPDM_NATIVE_ADAMW``
 (trainers.adamw), ``FPDM_NATIVE_LAYER_NORM`` (models.native_layer_norm).
@@ -36,7 +37,8 @@ from benchmarks import common as bc
 MODULE = "benchmarks.switch_ab"
 SWITCHES = ("FPDM_CONV_NATIVE_KERNEL_GRADIENT", "FPDM_CONV_NATIVE_FORWARD", "FPDM_NATIVE_ATTENTION",
             "FPDM_CONV_WINOGRAD", "FPDM_CONV_NATIVE_WINOGRAD",
-            "FPDM_CONV_NATIVE_WINOGRAD_KERNEL_GRADIENT", "FPDM_CONV_CPU_GRADIENTS",
+            "FPDM_CONV_NATIVE_WINOGRAD_KERNEL_GRADIENT", "FPDM_CONV_NATIVE_WINOGRAD_4X4",
+            "FPDM_CONV_CPU_GRADIENTS",
             "FPDM_NATIVE_ADAMW", "FPDM_NATIVE_LAYER_NORM")
 
 

@@ -178,6 +178,14 @@ def test_rejects_what_they_cannot_compute():
   with pytest.raises(ValueError, match="channels % 8"):
     native_conv.winograd_kernel_gradient(jnp.ones((1, 4, 4, 12)), jnp.ones((1, 4, 4, 16)),
                                          ((1, 1), (1, 1)))
+  with pytest.raises(ValueError, match="tile 2 or 4"):
+    native_conv.winograd_kernel_gradient(jnp.ones((1, 4, 4, 8)), jnp.ones((1, 4, 4, 8)),
+                                         ((1, 1), (1, 1)), tile=3)
+  with pytest.raises(ValueError, match="tile 2 or 4"):
+    winograd.kernel_transform(jnp.ones((3, 3, 8, 8)), 6)
+  with pytest.raises(ValueError, match="16 or 36"):
+    native_conv.winograd_forward(jnp.ones((1, 4, 4, 8)), jnp.ones((64, 8, 8)), (4, 4),
+                                 ((1, 1), (1, 1)))
 
 
 def _winograd_calls(f, *args, argnums=0, kind="forward") -> int:
@@ -186,9 +194,9 @@ def _winograd_calls(f, *args, argnums=0, kind="forward") -> int:
 
 
 # (batch, (height, width), C_in, C_out, padding). Input vectors of 16 and 8
-# channels (24), output blocks of 64, 32, 16 and 8 (40); odd output sizes
-# (half tiles); padding 0-2 on one side; 480 tiles in 3 chunks; the kernel
-# gradient's tile ranges and groups of positions.
+# channels (24), output blocks of 64, 32, 16 and 8 (40); output sizes that
+# leave part tiles of both sizes; padding 0-2 on one side; 480 2x2 tiles in 3
+# chunks; the kernel gradient's tile ranges and groups of positions.
 WINOGRAD_CASES = [
     (2, (7, 9), 16, 24, ((1, 1), (1, 1))),
     (1, (8, 8), 16, 16, ((2, 0), (0, 2))),
@@ -196,18 +204,21 @@ WINOGRAD_CASES = [
     (2, (8, 8), 256, 128, ((1, 1), (1, 1))),
     (4, (24, 20), 16, 96, ((1, 1), (1, 1))),
     (2, (6, 5), 24, 40, ((1, 1), (1, 1))),
-    (2, (48, 44), 16, 16, ((1, 1), (1, 1))),  # 1056 tiles: 4 kernel-gradient tile ranges
-    (1, (6, 6), 96, 160, ((1, 1), (1, 1))),   # kernel-gradient positions in 4 groups of 4
-    (1, (5, 4), 256, 256, ((1, 1), (1, 1))),  # and in 16 groups of 1
+    # 3960 2x2 tiles, 1012 4x4: 15 and 3 kernel-gradient tile ranges.
+    (2, (88, 90), 16, 16, ((1, 1), (1, 1))),
+    (1, (6, 6), 96, 160, ((1, 1), (1, 1))),   # kernel-gradient positions 4 x 4 and 9 x 4
+    (1, (5, 4), 256, 256, ((1, 1), (1, 1))),  # and 16 x 1 and 36 x 1
 ]
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=_build_id)
 @pytest.mark.parametrize("case", WINOGRAD_CASES, ids=lambda c: f"b{c[0]}-{c[2]}to{c[3]}-{c[4]}")
 def test_winograd_forward_and_gradients_match_lax(build, case, monkeypatch):
-  """Forward, input gradient and kernel gradient against lax at precision
-  highest, to 2e-5 of the largest value (Winograd's transforms add a few
-  float32 roundings: measured 3e-7-2e-6); the same bits on every call."""
+  """Forward and input gradient as F(2x2, 3x3) and F(4x4, 3x3), and the
+  kernel gradient, against lax at precision highest: to 2e-5 of the largest
+  value for F(2x2) (Winograd's transforms add a few float32 roundings:
+  measured 3e-7-2e-6), 5e-5 for F(4x4), whose transforms scale by up to 8
+  and 1/24 (measured 1e-6-1e-5); the same bits on every call."""
   monkeypatch.setattr(native, "library", lambda: build)
   b, size, cin, cout, padding = case
   rng = np.random.default_rng(cin * 100 + cout + 2)
@@ -216,39 +227,50 @@ def test_winograd_forward_and_gradients_match_lax(build, case, monkeypatch):
   conv = lambda x, w: lax.conv_general_dilated(  # noqa: E731
       x, w, (1, 1), padding, dimension_numbers=NHWC, precision="highest")
   want, vjp = jax.vjp(conv, x, w)
-  call = jax.jit(lambda x, w: native_conv.winograd_forward(
-      x, winograd.kernel_transform(w), want.shape[1:3], padding))
-  assert f"target_name={native.target_prefix()}_winograd_forward\n" in str(
-      jax.make_jaxpr(call)(x, w))
-  got = call(x, w)
-  assert got.shape == want.shape and got.dtype == jnp.float32
-  np.testing.assert_allclose(got, want, atol=2e-5 * float(jnp.abs(want).max()))
-  np.testing.assert_array_equal(call(x, w), got)  # chunks are independent: same bits
   dy = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
   want_dx, want_dw = vjp(dy)
-  got_dx = jax.jit(lambda dy, w: native_conv.winograd_input_gradient(dy, w, x.shape, padding))(
-      dy, w)
-  np.testing.assert_allclose(got_dx, want_dx, atol=2e-5 * float(jnp.abs(want_dx).max()))
-  kernel_gradient = jax.jit(lambda x, dy: native_conv.winograd_kernel_gradient(x, dy, padding))
-  got_dw = kernel_gradient(x, dy)
-  assert got_dw.shape == w.shape and got_dw.dtype == jnp.float32
-  np.testing.assert_allclose(got_dw, want_dw, atol=2e-5 * float(jnp.abs(want_dw).max()))
-  # Partial sums per tile range, summed in order: the same bits.
-  np.testing.assert_array_equal(kernel_gradient(x, dy), got_dw)
+  for tile, tolerance in ((2, 2e-5), (4, 5e-5)):
+    call = jax.jit(lambda x, w: native_conv.winograd_forward(
+        x, winograd.kernel_transform(w, tile), want.shape[1:3], padding))
+    assert f"target_name={native.target_prefix()}_winograd_forward\n" in str(
+        jax.make_jaxpr(call)(x, w))
+    got = call(x, w)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=tolerance * float(jnp.abs(want).max()),
+                               err_msg=f"F({tile}x{tile}, 3x3) forward")
+    np.testing.assert_array_equal(call(x, w), got)  # chunks are independent: same bits
+    got_dx = jax.jit(lambda dy, w: native_conv.winograd_input_gradient(
+        dy, w, x.shape, padding, tile))(dy, w)
+    np.testing.assert_allclose(got_dx, want_dx, atol=tolerance * float(jnp.abs(want_dx).max()),
+                               err_msg=f"F({tile}x{tile}, 3x3) input gradient")
+  for tile, tolerance in ((2, 2e-5), (4, 5e-5)):
+    kernel_gradient = jax.jit(lambda x, dy: native_conv.winograd_kernel_gradient(
+        x, dy, padding, tile))
+    got_dw = kernel_gradient(x, dy)
+    assert got_dw.shape == w.shape and got_dw.dtype == jnp.float32
+    np.testing.assert_allclose(got_dw, want_dw, atol=tolerance * float(jnp.abs(want_dw).max()),
+                               err_msg=f"F(3x3, {tile}x{tile}) kernel gradient")
+    # Partial sums per tile range, summed in order: the same bits.
+    np.testing.assert_array_equal(kernel_gradient(x, dy), got_dw)
 
 
 @pytest.mark.parametrize("case", ["512 tiles", "XLA's Winograd shape", "batch 1", "8 channels",
-                                  "stride 2", "switched off", "kernel gradient switched off"])
+                                  "stride 2", "switched off", "kernel gradient switched off",
+                                  "4x4 tiles switched off"])
 def test_model_conv_takes_winograd_where_it_should(case, monkeypatch):
   """Forward and input gradient are native Winograd from 512 2x2 tiles
-  (16 channels and more) and where XLA-op Winograd would be used; the kernel
-  gradient is native Winograd at any number of tiles. Gradients match lax's
-  either way."""
+  (16 channels and more) and where XLA-op Winograd would be used, as
+  F(4x4, 3x3) from 64 4x4 tiles; the kernel gradient is native Winograd at
+  any number of tiles. Gradients match lax's either way."""
   batch, size, cin, cout, stride, taken, kernel_gradient_taken = 8, 16, 16, 16, 1, True, True
+  tile = 4
   if case == "XLA's Winograd shape":
-    size, cin, cout = 8, 256, 256
+    size, cin, cout, tile = 8, 256, 256, 2  # 32 4x4 tiles
+  elif case == "4x4 tiles switched off":
+    monkeypatch.setenv(convolution.WINOGRAD_4X4_OPT_OUT, "0")
+    tile = 2
   elif case == "batch 1":
-    batch, taken = 1, False
+    batch, taken, tile = 1, False, 2  # 16 4x4 tiles
   elif case == "8 channels":
     cin = cout = 8
     taken = kernel_gradient_taken = False
@@ -270,6 +292,13 @@ def test_model_conv_takes_winograd_where_it_should(case, monkeypatch):
 
   ours = lambda x, w: loss(convolution.conv_general_dilated, x, w)  # noqa: E731
   assert _winograd_calls(ours, x, w, argnums=(0, 1)) == (2 if taken else 0)
+  if taken:  # the transformed kernels' shape says which
+    transforms = re.findall(r"f32\[(16|36),(\d+),(\d+)\]", str(
+        jax.make_jaxpr(jax.grad(ours, argnums=(0, 1)))(x, w)))
+    assert {int(k) for k, _, _ in transforms} == {(tile + 2) ** 2}
+  if kernel_gradient_taken:  # F(3x3, 4x4) where the forward is F(4x4, 3x3) here
+    assert re.findall(r"\('tile', np.int64\((\d)\)\)", str(
+        jax.make_jaxpr(jax.grad(ours, argnums=(0, 1)))(x, w))) == [str(tile)]
   assert (_winograd_calls(ours, x, w, argnums=(0, 1), kind="kernel_gradient")
           == (1 if kernel_gradient_taken else 0))
   if not (taken or kernel_gradient_taken):
@@ -305,12 +334,14 @@ def test_benchmarks_count_native_calls_as_xla_counts_the_conv(padding):
   kernel_gradient = xla_flops(lambda x, dy: _lax_kernel_gradient(x, dy, w.shape, (1, 1), padding),
                               x, dy)
   assert forward > 0 and kernel_gradient > 0
-  assert native_flops(lambda x, w: native_conv.winograd_forward(
-      x, winograd.kernel_transform(w), y.shape[1:3], padding), x, w) == pytest.approx(forward)
+  for tile in (2, 4):
+    assert native_flops(lambda x, w: native_conv.winograd_forward(
+        x, winograd.kernel_transform(w, tile), y.shape[1:3], padding), x, w) == pytest.approx(
+            forward)
+    assert native_flops(lambda x, dy: native_conv.winograd_kernel_gradient(
+        x, dy, padding, tile), x, dy) == pytest.approx(kernel_gradient)
   assert native_flops(lambda x, w: native_conv.forward(x, w, y.shape[1:3], (1, 1), padding),
                       x, w) == pytest.approx(forward)
-  assert native_flops(lambda x, dy: native_conv.winograd_kernel_gradient(x, dy, padding),
-                      x, dy) == pytest.approx(kernel_gradient)
   assert native_flops(lambda x, dy: native_conv.kernel_gradient(x, dy, w.shape, (1, 1), padding),
                       x, dy) == pytest.approx(kernel_gradient)
 

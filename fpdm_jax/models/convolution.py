@@ -56,13 +56,18 @@ And three forwards:
   from 512 2x2 output tiles per call (batch x tiles per image): below that
   the transformed kernel, 16/9 of the kernel, is read for too few tiles,
   and at batch 1 the medium UNet's step lost 0.85x with it at every size.
+  Of these, the ones with 64 and more 4x4 output tiles and at most 256 x 256
+  channels are F(4x4, 3x3) (4x fewer multiplies than direct; one call
+  1.3-1.45x faster than F(2x2)): the medium UNet's batch-8 step 1.07x, the
+  batch-1 steps 1.035x (finding 31).
   The kernel gradient of the same convs is native Winograd at any number of
   tiles (F(3x3, 2x2), ``native_conv.winograd_kernel_gradient``): it reads
   no transformed kernel, and one call at a time it beat the direct native
   one, the per-tap matmuls and XLA's by 1.2-3.3x at every UNet and pose
   embedding shape measured, batch 1 and 8, but one (batch 1, 256x256,
-  16 -> 16: 1.05 against 0.95 ms). Stride-2 and thinner convs keep the
-  rules above.
+  16 -> 16: 1.05 against 0.95 ms). With 64 and more 4x4 tiles and at most
+  96 x 96 channels it is F(3x3, 4x4), 1.1-1.8x faster again. Stride-2 and
+  thinner convs keep the rules above.
 - **Wide 3x3 stride-1 convolutions at a small image size** (a UNet's
   256-channel 8x8 level at batch 8): Winograd F(2x2, 3x3) written in XLA
   ops (``models.winograd``), forward and, through autodiff of the same
@@ -80,6 +85,7 @@ what they change; ``FPDM_CONV_NATIVE_KERNEL_GRADIENT=0`` and
 ``FPDM_CONV_NATIVE_FORWARD=0`` (forward and input gradient) the native calls
 alone, ``FPDM_CONV_NATIVE_WINOGRAD=0`` the native Winograd alone,
 ``FPDM_CONV_NATIVE_WINOGRAD_KERNEL_GRADIENT=0`` its kernel gradient alone,
+``FPDM_CONV_NATIVE_WINOGRAD_4X4=0`` its 4x4 tiles (F(2x2) everywhere),
 ``FPDM_CONV_WINOGRAD=0`` the XLA-op Winograd alone.
 """
 from __future__ import annotations
@@ -138,6 +144,23 @@ _MIN_WINOGRAD_PIXELS = 512
 # 1 are 16 and 64 tiles). 8 -> 8 channels stay with the direct native forward.
 _MIN_NATIVE_WINOGRAD_CHANNELS = 16
 _MIN_NATIVE_WINOGRAD_TILES = 512
+# Of those, F(4x4, 3x3) (36 multiplies per 16 outputs instead of 16 per 4)
+# where C_in x C_out is at most this and there are at least this many 4x4
+# output tiles. Forward alone against F(2x2, 3x3) (benchmarks/README.md,
+# finding 31): batch 8, 256x256, 16 -> 16 1.34-1.40x faster, 64x64, 96 -> 96
+# 1.32-1.44x, 16x16, 256 -> 256 1.42x, but 8x8, 256 -> 256 (32 tiles) 0.88-1.03x
+# and 512 -> 256 0.67-0.84x: too few tiles for the 36 transformed kernel
+# positions each chunk reads.
+_MAX_WINOGRAD_4X4_CHANNEL_PRODUCT = 256 * 256
+_MIN_WINOGRAD_4X4_TILES = 64
+# The kernel gradient as F(3x3, 4x4) where C_in x C_out is at most this: with
+# more, fewer of its 36 accumulators fit L2 at once, each group of them
+# transforms the input again, and batch 8, 16x16, 384 -> 128 was 0.83x,
+# 8x8, 256 -> 256 0.80x; 32x32, 64 -> 64 1.77x, 64x64, 96 -> 96 1.11x. And
+# from _MIN_WINOGRAD_4X4_TILES tiles: batch 1, 16x16, 64 -> 64 (16 tiles) was
+# 0.98x, 8x8 0.65x; 32x32, 32 -> 32 (64) 1.22x.
+_MAX_WINOGRAD_4X4_KERNEL_GRADIENT_CHANNEL_PRODUCT = 96 * 96
+WINOGRAD_4X4_OPT_OUT = "FPDM_CONV_NATIVE_WINOGRAD_4X4"
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
@@ -212,6 +235,28 @@ def _native_winograd(x, w, strides, padding) -> bool:
                or _winograd(x, w, strides)))
 
 
+def _winograd_tile(x, w) -> int:
+  """The output tile of a native Winograd forward and input gradient: 4
+  (F(4x4, 3x3)) where the channels are few enough for a chunk of 4x4 tiles'
+  transformed input to stay in L2 with many tiles, and there are enough of
+  them; else 2."""
+  b, h, wd, _ = x.shape
+  cin, cout = w.shape[2:]
+  return (4 if cin * cout <= _MAX_WINOGRAD_4X4_CHANNEL_PRODUCT
+          and b * -(-h // 4) * -(-wd // 4) >= _MIN_WINOGRAD_4X4_TILES
+          and not xla_cpu_flags.opted_out(WINOGRAD_4X4_OPT_OUT) else 2)
+
+
+def _winograd_kernel_gradient_tile(x, w) -> int:
+  """The output-gradient block of a native Winograd kernel gradient: 4
+  (F(3x3, 4x4)) for few enough channels and enough tiles, else 2."""
+  b, h, wd, _ = x.shape
+  cin, cout = w.shape[2:]
+  return (4 if cin * cout <= _MAX_WINOGRAD_4X4_KERNEL_GRADIENT_CHANNEL_PRODUCT
+          and b * -(-h // 4) * -(-wd // 4) >= _MIN_WINOGRAD_4X4_TILES
+          and not xla_cpu_flags.opted_out(WINOGRAD_4X4_OPT_OUT) else 2)
+
+
 def _native_winograd_kernel_gradient(x, w, strides, padding) -> bool:
   return (_native_winograd_shape(x, w, strides, padding)
           and native.winograd_kernel_gradient_available())
@@ -273,7 +318,7 @@ def _plain_conv(x, w, strides, padding, precision):
 
 def _forward(x, w, strides, padding, precision):
   if _native_winograd(x, w, strides, padding):
-    return native.winograd_forward(x, winograd.kernel_transform(w),
+    return native.winograd_forward(x, winograd.kernel_transform(w, _winograd_tile(x, w)),
                                    _output_size(x.shape, w.shape, strides, padding), padding)
   if _tap_sum_forward(x.shape, w.shape, strides, padding):
     return tap_sum_conv(x, w, strides, padding)
@@ -295,7 +340,7 @@ def _conv_fwd(x, w, strides, padding, precision):
 def _conv_bwd(strides, padding, precision, residuals, dy):
   x, w = residuals
   if _native_winograd(x, w, strides, padding) and dy.dtype == jnp.float32:
-    dx = native.winograd_input_gradient(dy, w, x.shape, padding)
+    dx = native.winograd_input_gradient(dy, w, x.shape, padding, _winograd_tile(x, w))
   elif _native_input_gradient(x, w, strides, padding) and dy.dtype == jnp.float32:
     dx = native.input_gradient(dy, w, x.shape, padding)
   else:
@@ -305,7 +350,7 @@ def _conv_bwd(strides, padding, precision, residuals, dy):
       _, input_vjp = jax.vjp(lambda x: _plain_conv(x, w, strides, padding, precision), x)
     (dx,) = input_vjp(dy)
   if _native_winograd_kernel_gradient(x, w, strides, padding) and dy.dtype == jnp.float32:
-    dw = native.winograd_kernel_gradient(x, dy, padding)
+    dw = native.winograd_kernel_gradient(x, dy, padding, _winograd_kernel_gradient_tile(x, w))
   elif _native_kernel_gradient(x, w) and dy.dtype == jnp.float32:
     dw = native.kernel_gradient(x, dy, w.shape, strides, padding)
   elif _winograd(x, w, strides):

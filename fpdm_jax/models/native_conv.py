@@ -11,11 +11,11 @@ transposed kernel), are 1.1-1.9x behind. fpdm_jax/native/ has the loop nests
 oneDNN uses for both, registered with XLA through its FFI and run on XLA's own
 thread pool (findings 21 and 22; ``python -m benchmarks.kernel_gradient``).
 
-The same library has a fused Winograd F(2x2, 3x3) convolution for 3x3
-stride-1 convs with 16+ channels (``winograd_forward``, their input
-gradient too, and ``winograd_kernel_gradient``): 2.25x fewer multiplies,
-where direct convolutions are already at the matmul rate (findings 25 and
-26).
+The same library has fused Winograd F(2x2, 3x3) and F(4x4, 3x3)
+convolutions for 3x3 stride-1 convs with 16+ channels (``winograd_forward``,
+their input gradient too, and ``winograd_kernel_gradient``): 2.25x and 4x
+fewer multiplies, where direct convolutions are already at the matmul rate
+(findings 25, 26 and 31).
 
 ``models.native`` loads the build this CPU can run; without one the
 convolution keeps XLA's kernels. ``models.convolution`` decides where each is
@@ -116,14 +116,15 @@ def kernel_gradient(x, dy, kernel_shape, strides, padding):
 
 def winograd_forward(x, u, out_size, padding):
   """The stride-1 NHWC float32 convolution of ``x`` with the 3x3 kernel whose
-  Winograd transform is ``u`` [16, C_in, C_out] (``winograd.kernel_transform``),
-  as F(2x2, 3x3) with the input and output transforms fused with the matmuls
-  (fpdm_jax/native/winograd.cc; ``models.winograd`` has the algorithm).
-  ``padding`` as ``forward``'s, top and left at most 2; C_in and C_out
-  multiples of 8. Call only where ``winograd_available()``."""
-  if x.dtype != jnp.float32 or u.dtype != jnp.float32 or u.shape[0] != 16:
-    raise ValueError(f"native Winograd: float32 input and [16, C_in, C_out] transform only, got "
-                     f"{x.dtype}, {u.dtype} {u.shape}")
+  Winograd transform is ``u`` (``winograd.kernel_transform``): [16, C_in,
+  C_out] as F(2x2, 3x3), [36, C_in, C_out] as F(4x4, 3x3), with the input and
+  output transforms fused with the matmuls (fpdm_jax/native/winograd.cc;
+  ``models.winograd`` has the algorithm). ``padding`` as ``forward``'s, top
+  and left at most 2; C_in and C_out multiples of 8. Call only where
+  ``winograd_available()``."""
+  if x.dtype != jnp.float32 or u.dtype != jnp.float32 or u.shape[0] not in (16, 36):
+    raise ValueError(f"native Winograd: float32 input and [16 or 36, C_in, C_out] transform "
+                     f"only, got {x.dtype}, {u.dtype} {u.shape}")
   if x.shape[3] != u.shape[1] or u.shape[1] % 8 or u.shape[2] % 8:
     raise ValueError(f"native Winograd: input channels {x.shape[3]}, transform {u.shape}: "
                      "channels must match and be multiples of 8")
@@ -134,13 +135,16 @@ def winograd_forward(x, u, out_size, padding):
   return call(x, u, pad_top=np.int64(top), pad_left=np.int64(left))
 
 
-def winograd_kernel_gradient(x, dy, padding):
-  """``kernel_gradient`` of a 3x3 stride-1 convolution as Winograd F(3x3, 2x2):
-  the forward's input transform, the output gradient's 2x2 tiles transformed
-  and 16 matmuls contracting over the tiles, 2.25x fewer multiply-adds
+def winograd_kernel_gradient(x, dy, padding, tile=2):
+  """``kernel_gradient`` of a 3x3 stride-1 convolution as Winograd F(3x3, 2x2)
+  (``tile`` 2) or F(3x3, 4x4) (4): the forward's input transform, the output
+  gradient's ``tile`` x ``tile`` blocks transformed and 16 or 36 matmuls
+  contracting over the tiles, 2.25x or 4x fewer multiply-adds
   (fpdm_jax/native/winograd.cc). ``padding`` as ``forward``'s, top and left at
   most 2; C_in and C_out multiples of 8. Call only where
   ``winograd_kernel_gradient_available()``."""
+  if tile not in (2, 4):
+    raise ValueError(f"native Winograd kernel gradient: tile 2 or 4, got {tile}")
   if x.dtype != jnp.float32 or dy.dtype != jnp.float32 or x.shape[3] % 8 or dy.shape[3] % 8:
     raise ValueError(f"native Winograd kernel gradient: float32 and channels % 8 == 0 only, "
                      f"got {x.dtype} {x.shape}, {dy.dtype} {dy.shape}")
@@ -148,7 +152,7 @@ def winograd_kernel_gradient(x, dy, padding):
   out = jax.ShapeDtypeStruct((3, 3, x.shape[3], dy.shape[3]), jnp.float32)
   call = jax.ffi.ffi_call(native.target_prefix() + "_winograd_kernel_gradient", out,
                           vmap_method="sequential")
-  return call(x, dy, pad_top=np.int64(top), pad_left=np.int64(left))
+  return call(x, dy, pad_top=np.int64(top), pad_left=np.int64(left), tile=np.int64(tile))
 
 
 # Winograd's G maps a kernel flipped in space to the transform flipped in its
@@ -158,14 +162,20 @@ def winograd_kernel_gradient(x, dy, padding):
 _FLIP = (3, 1, 2, 0)
 
 
-def winograd_input_gradient(dy, w, x_shape, padding):
+def winograd_input_gradient(dy, w, x_shape, padding, tile=2):
   """``input_gradient`` of a 3x3 stride-1 convolution through
-  ``winograd_forward``. The flipped, transposed kernel's transform is the
-  kernel's own (the forward's expression again) permuted and transposed:
-  transforming the flipped, transposed kernel itself, XLA split the work
-  into 16 strided passes over the kernel, which cost more than the matmuls."""
+  ``winograd_forward`` with ``tile`` x ``tile`` output tiles (2 or 4). For
+  F(2x2, 3x3) the flipped, transposed kernel's transform is the kernel's own
+  (the forward's expression again) permuted and transposed: transforming the
+  flipped, transposed kernel itself, XLA split the work into 16 strided
+  passes over the kernel, which cost more than the matmuls. F(4x4, 3x3)'s
+  points have no such symmetry (2 would have to map to 1/2): its input
+  gradient transforms the flipped, transposed kernel."""
   (top, _), (left, _) = padding
   _, _, cin, cout = w.shape
-  u = winograd.kernel_transform(w).reshape(4, 4, cin, cout)
-  u_t = u[_FLIP, :][:, _FLIP].transpose(0, 1, 3, 2).reshape(16, cout, cin)
+  if tile == 2:
+    u = winograd.kernel_transform(w).reshape(4, 4, cin, cout)
+    u_t = u[_FLIP, :][:, _FLIP].transpose(0, 1, 3, 2).reshape(16, cout, cin)
+  else:
+    u_t = winograd.flipped_kernel_transform_4x4(w)
   return winograd_forward(dy, u_t, x_shape[1:3], ((2 - top, 0), (2 - left, 0)))

@@ -24,8 +24,10 @@ both already run at about this machine's matmul rate (benchmarks/README.md,
 finding 24). Where the images are larger or the channels fewer, the
 transforms' memory traffic (the transformed input is 4x the input) costs
 more than the multiplies saved; F(4x4, 3x3), 4x fewer multiplies but 36
-transformed positions, was slower still at every UNet shape.
-``models.convolution`` decides where it is used.
+transformed positions, was slower still at every UNet shape written this
+way. The native calls (``models.native_conv``), which keep the transformed
+input in cache, run both; ``kernel_transform`` gives either's kernel.
+``models.convolution`` decides where each is used.
 """
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ from jax import lax
 _BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
 _AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+# F(4x4, 3x3)'s kernel transform G (6x3; interpolation points 0, 1, -1, 2, -2
+# and infinity), for the native forward (fpdm_jax/native/winograd.cc has its
+# B^T and A^T).
+_G4 = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 
 
 def _apply(matrix, xs):
@@ -59,13 +66,35 @@ def _apply(matrix, xs):
   return out
 
 
-def kernel_transform(w: jax.Array) -> jax.Array:
+def kernel_transform(w: jax.Array, tile: int = 2) -> jax.Array:
   """G g G^T of a 3x3 HWIO kernel ``w``, per input and output channel, as
-  [16, C_in, C_out] (row-major over the transformed 4x4 window)."""
+  [(tile + 2)^2, C_in, C_out] (row-major over the transformed window):
+  F(2x2, 3x3)'s for ``tile`` 2, F(4x4, 3x3)'s for 4."""
   if w.shape[:2] != (3, 3):
     raise ValueError(f"winograd.kernel_transform: a 3x3 kernel only, got {w.shape}")
+  if tile not in (2, 4):
+    raise ValueError(f"winograd.kernel_transform: tile 2 or 4, got {tile}")
+  if tile == 4:
+    return _kernel_transform_4x4(w)
   u = jnp.stack([c for r in _apply(_G, list(w)) for c in _apply(_G, list(r))])
   return u.reshape(16, *w.shape[2:])
+
+
+def flipped_kernel_transform_4x4(w: jax.Array) -> jax.Array:
+  """F(4x4, 3x3)'s transform of ``w`` flipped in space with its channels
+  swapped, [36, C_out, C_in]: the kernel of the input gradient."""
+  return _kernel_transform_4x4(w[::-1, ::-1].transpose(0, 1, 3, 2))
+
+
+def _kernel_transform_4x4(w):
+  """(G4 x G4) [36, 9] times the kernel's 9 taps: one matmul over all the
+  channels. As 36 sums of scaled taps (the F(2x2) transform's form), XLA
+  made 36 loops of each, 2-4x slower, and 2.9x slower again with the flip
+  and transpose of the input gradient's kernel folded in."""
+  g4 = jnp.asarray(_G4, jnp.float32)
+  gg = (g4[:, None, :, None] * g4[None, :, None, :]).reshape(36, 9)
+  return jnp.einsum("kn,nio->kio", gg, w.reshape(9, *w.shape[2:]),
+                    precision=lax.Precision.HIGHEST)
 
 
 def conv3x3(x: jax.Array, w: jax.Array, padding, precision=None) -> jax.Array:
