@@ -178,11 +178,14 @@ def test_portable_build_matches_xla(portable_build, monkeypatch):
 
   from fpdm_jax.models import winograd
   y1 = conv(x, w, (1, 1))
-  _close(jax.jit(lambda x, w: native_conv.winograd_forward(
-      x, winograd.kernel_transform(w), y1.shape[1:3], pad))(x, w), y1, "Winograd forward")
   dy1 = jnp.asarray(rng.normal(size=y1.shape), jnp.float32)
-  _close(jax.jit(lambda x, dy: native_conv.winograd_kernel_gradient(x, dy, pad))(x, dy1),
-         jax.vjp(lambda w: conv(x, w, (1, 1)), w)[1](dy1)[0], "Winograd kernel gradient")
+  for tile in (2, 4):
+    _close(jax.jit(lambda x, w: native_conv.winograd_forward(
+        x, winograd.kernel_transform(w, tile), y1.shape[1:3], pad))(x, w), y1,
+        f"Winograd forward, tile {tile}")
+    _close(jax.jit(lambda x, dy: native_conv.winograd_kernel_gradient(x, dy, pad, tile))(x, dy1),
+           jax.vjp(lambda w: conv(x, w, (1, 1)), w)[1](dy1)[0],
+           f"Winograd kernel gradient, tile {tile}")
 
   import ml_collections
 
