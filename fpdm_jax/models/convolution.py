@@ -58,8 +58,8 @@ And three forwards:
   and at batch 1 the medium UNet's step lost 0.85x with it at every size.
   Of these, the ones with 64 and more 4x4 output tiles and at most 256 x 256
   channels are F(4x4, 3x3) (4x fewer multiplies than direct; one call
-  1.3-1.45x faster than F(2x2)): the medium UNet's batch-8 step 1.07x, the
-  batch-1 steps 1.035x (finding 31).
+  1.3-1.45x faster than F(2x2)): the UNet steps 1.03-1.04x but small b1
+  (0.99x, few such convs; finding 31).
   The kernel gradient of the same convs is native Winograd at any number of
   tiles (F(3x3, 2x2), ``native_conv.winograd_kernel_gradient``): it reads
   no transformed kernel, and one call at a time it beat the direct native

@@ -89,8 +89,9 @@ def flipped_kernel_transform_4x4(w: jax.Array) -> jax.Array:
 def _kernel_transform_4x4(w):
   """(G4 x G4) [36, 9] times the kernel's 9 taps: one matmul over all the
   channels. As 36 sums of scaled taps (the F(2x2) transform's form), XLA
-  made 36 loops of each, 2-4x slower, and 2.9x slower again with the flip
-  and transpose of the input gradient's kernel folded in."""
+  made 36 loops of each: 1.7-4.6x slower alone, 1.5-3.3x for the input
+  gradient's flipped, transposed kernel, and in the medium batch-8 step the
+  weight-only ops went from 55 to 129 ms (benchmarks/README.md, finding 31)."""
   g4 = jnp.asarray(_G4, jnp.float32)
   gg = (g4[:, None, :, None] * g4[None, :, None, :]).reshape(36, 9)
   return jnp.einsum("kn,nio->kio", gg, w.reshape(9, *w.shape[2:]),
