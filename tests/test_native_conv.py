@@ -254,14 +254,15 @@ def test_winograd_forward_and_gradients_match_lax(build, case, monkeypatch):
     np.testing.assert_array_equal(kernel_gradient(x, dy), got_dw)
 
 
-@pytest.mark.parametrize("case", ["512 tiles", "XLA's Winograd shape", "batch 1", "8 channels",
-                                  "stride 2", "switched off", "kernel gradient switched off",
-                                  "4x4 tiles switched off"])
+@pytest.mark.parametrize("case", ["512 tiles", "XLA's Winograd shape", "batch 1", "batch 1, 32x32",
+                                  "8 channels", "stride 2", "switched off",
+                                  "kernel gradient switched off", "4x4 tiles switched off"])
 def test_model_conv_takes_winograd_where_it_should(case, monkeypatch):
   """Forward and input gradient are native Winograd from 512 2x2 tiles
   (16 channels and more) and where XLA-op Winograd would be used, as
-  F(4x4, 3x3) from 64 4x4 tiles; the kernel gradient is native Winograd at
-  any number of tiles. Gradients match lax's either way."""
+  F(4x4, 3x3) from 64 4x4 tiles (then below 512 2x2 tiles too); the kernel
+  gradient is native Winograd at any number of tiles. Gradients match lax's
+  either way."""
   batch, size, cin, cout, stride, taken, kernel_gradient_taken = 8, 16, 16, 16, 1, True, True
   tile = 4
   if case == "XLA's Winograd shape":
@@ -271,6 +272,8 @@ def test_model_conv_takes_winograd_where_it_should(case, monkeypatch):
     tile = 2
   elif case == "batch 1":
     batch, taken, tile = 1, False, 2  # 16 4x4 tiles
+  elif case == "batch 1, 32x32":
+    batch, size = 1, 32  # 256 2x2 tiles, 64 4x4 tiles
   elif case == "8 channels":
     cin = cout = 8
     taken = kernel_gradient_taken = False

@@ -59,7 +59,8 @@ And three forwards:
   Of these, the ones with 64 and more 4x4 output tiles and at most 256 x 256
   channels are F(4x4, 3x3) (4x fewer multiplies than direct; one call
   1.3-1.45x faster than F(2x2)): the UNet steps 1.03-1.04x but small b1
-  (0.99x, few such convs; finding 31).
+  (0.99x, few such convs; finding 31); and with F(4x4) the 512-tile floor
+  does not apply (the 32x32 level at batch 1: medium b1 1.035x again).
   The kernel gradient of the same convs is native Winograd at any number of
   tiles (F(3x3, 2x2), ``native_conv.winograd_kernel_gradient``): it reads
   no transformed kernel, and one call at a time it beat the direct native
@@ -150,7 +151,10 @@ _MIN_NATIVE_WINOGRAD_TILES = 512
 # finding 31): batch 8, 256x256, 16 -> 16 1.34-1.40x faster, 64x64, 96 -> 96
 # 1.32-1.44x, 16x16, 256 -> 256 1.42x, but 8x8, 256 -> 256 (32 tiles) 0.88-1.03x
 # and 512 -> 256 0.67-0.84x: too few tiles for the 36 transformed kernel
-# positions each chunk reads.
+# positions each chunk reads. Where F(4x4) applies, the native Winograd does
+# below _MIN_NATIVE_WINOGRAD_TILES 2x2 tiles too (batch 1, 32x32, 64 4x4
+# tiles): the medium batch-1 step 1.035x and 1.034x, small b1 1.009x,
+# sampling 0.997-1.000x (finding 31).
 _MAX_WINOGRAD_4X4_CHANNEL_PRODUCT = 256 * 256
 _MIN_WINOGRAD_4X4_TILES = 64
 # The kernel gradient as F(3x3, 4x4) where C_in x C_out is at most this: with
@@ -229,10 +233,11 @@ def _native_winograd_shape(x, w, strides, padding) -> bool:
 
 def _native_winograd(x, w, strides, padding) -> bool:
   """The forward and input gradient as native Winograd: its shapes, with
-  enough tiles (or XLA-op Winograd's shape, which it then replaces)."""
+  enough 2x2 tiles, or F(4x4, 3x3)'s 4x4 tiles (or XLA-op Winograd's shape,
+  which it then replaces)."""
   return (_native_winograd_shape(x, w, strides, padding)
           and (x.shape[0] * -(-x.shape[1] // 2) * -(-x.shape[2] // 2) >= _MIN_NATIVE_WINOGRAD_TILES
-               or _winograd(x, w, strides)))
+               or _winograd(x, w, strides) or _winograd_tile(x, w) == 4))
 
 
 def _winograd_tile(x, w) -> int:
