@@ -176,10 +176,10 @@ void InputTransform(const Problem& q, int64_t first, int64_t count, int k0, int 
 template <typename V, int NV>
 constexpr int kTiles = std::min(16, (kRegisters - 1 - NV) / NV);
 
-// TileProduct for the last `rows` (< R + 1) tiles of a chunk, with as many
+// TileProduct for the last `rows` (at most R) tiles of a chunk, with as many
 // accumulator rows as there are tiles: one row at a time, each kernel vector
-// load served a single tile, and the 5 tiles left over from 11 (a chunk of
-// F(4x4) tiles at 256 input channels) took as long as the first 6.
+// load served a single tile, and 5 of the 11 tiles of a chunk of F(4x4)
+// tiles at 256 input channels ran that way.
 template <typename V, int NV, int R>
 inline void RemainderProduct(int64_t rows, const float* a, int64_t lda, const float* b,
                              int64_t ldb, int64_t depth, float* c, int64_t ldc) {
@@ -215,7 +215,8 @@ void OutputTransform(const Problem& q, int64_t first, int64_t count, const float
       for (int64_t a = 0; a < rows; ++a) {  // (A^T M) A: each row
         V h[T];
         Transforms<T>::Output(g[a], h);
-        float* out = q.y + ((b * q.out_h + T * ty + a) * q.out_w + T * tx) * q.cout + o + n * kLanes;
+        float* out =
+            q.y + ((b * q.out_h + T * ty + a) * q.out_w + T * tx) * q.cout + o + n * kLanes;
         for (int64_t c = 0; c < cols; ++c) Store(out + c * q.cout, h[c]);
       }
     }
