@@ -240,24 +240,14 @@ def _native_winograd(x, w, strides, padding) -> bool:
                or _winograd(x, w, strides) or _winograd_tile(x, w) == 4))
 
 
-def _winograd_tile(x, w) -> int:
-  """The output tile of a native Winograd forward and input gradient: 4
-  (F(4x4, 3x3)) where the channels are few enough for a chunk of 4x4 tiles'
-  transformed input to stay in L2 with many tiles, and there are enough of
-  them; else 2."""
+def _winograd_tile(x, w, max_channel_product=_MAX_WINOGRAD_4X4_CHANNEL_PRODUCT) -> int:
+  """The output tile of a native Winograd forward and input gradient (or,
+  with _MAX_WINOGRAD_4X4_KERNEL_GRADIENT_CHANNEL_PRODUCT, the output-gradient
+  block of its kernel gradient): 4 (F(4x4, 3x3)) where C_in x C_out is at
+  most ``max_channel_product`` and there are enough 4x4 tiles; else 2."""
   b, h, wd, _ = x.shape
   cin, cout = w.shape[2:]
-  return (4 if cin * cout <= _MAX_WINOGRAD_4X4_CHANNEL_PRODUCT
-          and b * -(-h // 4) * -(-wd // 4) >= _MIN_WINOGRAD_4X4_TILES
-          and not xla_cpu_flags.opted_out(WINOGRAD_4X4_OPT_OUT) else 2)
-
-
-def _winograd_kernel_gradient_tile(x, w) -> int:
-  """The output-gradient block of a native Winograd kernel gradient: 4
-  (F(3x3, 4x4)) for few enough channels and enough tiles, else 2."""
-  b, h, wd, _ = x.shape
-  cin, cout = w.shape[2:]
-  return (4 if cin * cout <= _MAX_WINOGRAD_4X4_KERNEL_GRADIENT_CHANNEL_PRODUCT
+  return (4 if cin * cout <= max_channel_product
           and b * -(-h // 4) * -(-wd // 4) >= _MIN_WINOGRAD_4X4_TILES
           and not xla_cpu_flags.opted_out(WINOGRAD_4X4_OPT_OUT) else 2)
 
@@ -355,7 +345,8 @@ def _conv_bwd(strides, padding, precision, residuals, dy):
       _, input_vjp = jax.vjp(lambda x: _plain_conv(x, w, strides, padding, precision), x)
     (dx,) = input_vjp(dy)
   if _native_winograd_kernel_gradient(x, w, strides, padding) and dy.dtype == jnp.float32:
-    dw = native.winograd_kernel_gradient(x, dy, padding, _winograd_kernel_gradient_tile(x, w))
+    dw = native.winograd_kernel_gradient(x, dy, padding, _winograd_tile(
+        x, w, _MAX_WINOGRAD_4X4_KERNEL_GRADIENT_CHANNEL_PRODUCT))
   elif _native_kernel_gradient(x, w) and dy.dtype == jnp.float32:
     dw = native.kernel_gradient(x, dy, w.shape, strides, padding)
   elif _winograd(x, w, strides):

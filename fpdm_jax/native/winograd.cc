@@ -58,7 +58,9 @@ struct Problem {
 
 // Lavin & Gray's one-dimensional transforms of F(T, 3), applied along rows
 // and then columns: Input is B^T (N = T + 2 window values to N), Output A^T
-// (N products to T outputs). The forward's kernel transform G is
+// (N products to T outputs); for the kernel gradient, Gradient is A (an
+// output-gradient block's T values to N) and Kernel G^T (N accumulated
+// products to 3 taps). The forward's kernel transform G is
 // models/winograd.py's.
 template <int T>
 struct Transforms;
@@ -77,6 +79,21 @@ struct Transforms<2> {
   static void Output(const V m[4], V y[2]) {
     y[0] = m[0] + m[1] + m[2];
     y[1] = m[1] - m[2] - m[3];
+  }
+  template <typename V>
+  static void Gradient(const V g[2], V z[4]) {
+    z[0] = g[0];
+    z[1] = g[0] + g[1];
+    z[2] = g[0] - g[1];
+    z[3] = -g[1];
+  }
+  template <typename V>
+  static void Kernel(const V m[4], V w[3]) {
+    const V half = V{} + 0.5f;
+    const V sum = half * (m[1] + m[2]);
+    w[0] = m[0] + sum;
+    w[1] = half * (m[1] - m[2]);
+    w[2] = sum + m[3];
   }
 };
 
@@ -103,6 +120,26 @@ struct Transforms<4> {
     y[1] = b + two * d;
     y[2] = a + four * c;
     y[3] = b + eight * d + m[5];
+  }
+  template <typename V>
+  static void Gradient(const V g[4], V z[6]) {
+    const V two = V{} + 2.0f, four = V{} + 4.0f, eight = V{} + 8.0f;
+    const V even = g[0] + g[2], odd = g[1] + g[3];
+    const V even2 = g[0] + four * g[2], odd2 = two * g[1] + eight * g[3];
+    z[0] = g[0];
+    z[1] = even + odd;
+    z[2] = even - odd;
+    z[3] = even2 + odd2;
+    z[4] = even2 - odd2;
+    z[5] = g[3];
+  }
+  template <typename V>
+  static void Kernel(const V m[6], V w[3]) {
+    const V sixth = V{} + 1.0f / 6, twelfth = V{} + 1.0f / 12, quarter = V{} + 0.25f;
+    const V a = m[1] + m[2], b = m[3] + m[4];
+    w[0] = quarter * m[0] - sixth * a + (twelfth * 0.5f) * b;
+    w[1] = sixth * (m[2] - m[1]) + twelfth * (m[3] - m[4]);
+    w[2] = sixth * (b - a) + m[5];
   }
 };
 
@@ -337,54 +374,6 @@ ffi::Error Forward(ffi::ThreadPool pool, Image x, Kernel u, ffi::Result<Image> y
 // tile ranges, and so of partial sums (summed in range order at the end),
 // follows from the shapes alone: the bits do not depend on the thread count.
 
-// The one-dimensional transforms of the output gradient (A, T values to N)
-// and of the accumulated products (G^T, N to 3).
-template <int T>
-struct GradientTransforms;
-
-template <>
-struct GradientTransforms<2> {
-  template <typename V>
-  static void Gradient(const V g[2], V z[4]) {
-    z[0] = g[0];
-    z[1] = g[0] + g[1];
-    z[2] = g[0] - g[1];
-    z[3] = -g[1];
-  }
-  template <typename V>
-  static void Kernel(const V m[4], V w[3]) {
-    const V half = V{} + 0.5f;
-    const V sum = half * (m[1] + m[2]);
-    w[0] = m[0] + sum;
-    w[1] = half * (m[1] - m[2]);
-    w[2] = sum + m[3];
-  }
-};
-
-template <>
-struct GradientTransforms<4> {
-  template <typename V>
-  static void Gradient(const V g[4], V z[6]) {
-    const V two = V{} + 2.0f, four = V{} + 4.0f, eight = V{} + 8.0f;
-    const V even = g[0] + g[2], odd = g[1] + g[3];
-    const V even2 = g[0] + four * g[2], odd2 = two * g[1] + eight * g[3];
-    z[0] = g[0];
-    z[1] = even + odd;
-    z[2] = even - odd;
-    z[3] = even2 + odd2;
-    z[4] = even2 - odd2;
-    z[5] = g[3];
-  }
-  template <typename V>
-  static void Kernel(const V m[6], V w[3]) {
-    const V sixth = V{} + 1.0f / 6, twelfth = V{} + 1.0f / 12, quarter = V{} + 0.25f;
-    const V a = m[1] + m[2], b = m[3] + m[4];
-    w[0] = quarter * m[0] - sixth * a + (twelfth * 0.5f) * b;
-    w[1] = sixth * (m[2] - m[1]) + twelfth * (m[3] - m[4]);
-    w[2] = sixth * (b - a) + m[5];
-  }
-};
-
 // z[k - k0][t][o] (rows PositionStride(count * cout) apart) = (A g A^T)[r][s]
 // for the chunk's tiles and positions k0 <= k < k1, g the tile's T x T block
 // of dy, zero where it lies past the output's edge.
@@ -406,12 +395,12 @@ void GradientTransform(const Problem& q, int64_t first, int64_t count, int k0, i
         V column[T], f[N];
         for (int i = 0; i < T; ++i)
           column[i] = i < rows && a < cols ? Load<V>(g0 + (i * q.out_w + a) * cout + o) : V{};
-        GradientTransforms<T>::Gradient(column, f);
+        Transforms<T>::Gradient(column, f);
         for (int r = 0; r < N; ++r) h[r][a] = f[r];
       }
       for (int r = 0; r < N; ++r) {  // (A g) A^T: each row
         V f[N];
-        GradientTransforms<T>::Gradient(h[r], f);
+        Transforms<T>::Gradient(h[r], f);
         for (int s = 0; s < N; ++s) StorePosition(out, r * N + s, k0, k1, stride, o, f[s]);
       }
     }
@@ -491,12 +480,12 @@ void KernelFromTransform(const float* m, int64_t ranges, int64_t cin, int64_t co
           for (int64_t g = 1; g < ranges; ++g)
             column[r] += Load<V>(m + (g * N * N + k) * size + c * cout + o);
         }
-        GradientTransforms<T>::Kernel(column, f);
+        Transforms<T>::Kernel(column, f);
         for (int i = 0; i < 3; ++i) e[i][s] = f[i];
       }
       for (int i = 0; i < 3; ++i) {  // (G^T M) G: each row
         V f[3];
-        GradientTransforms<T>::Kernel(e[i], f);
+        Transforms<T>::Kernel(e[i], f);
         float* out = dw + i * 3 * size + c * cout + o;
         for (int j = 0; j < 3; ++j) Store(out + j * size, f[j]);
       }
